@@ -1,0 +1,206 @@
+//! Checkpoint stage: waits for Kafka's acknowledgment of every event of a batch, in source
+//! order, and only then lets the resume position advance. The position is stored in Kafka
+//! (`<prefix>.checkpoints`, compacted, message key = `kafka.checkpoint_key`) so a standby on
+//! another host resumes where the active producer stopped.
+//!
+//! A position is always a commit boundary (the end of an XID or DDL event): resuming there never
+//! splits a transaction.
+
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use crate::config::KafkaConfig;
+use crate::error::KafkaError;
+use crate::metrics::Metrics;
+use crate::publish::{InFlight, client_config};
+
+/// A resume position in the source binlog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Position {
+    /// Binlog file name.
+    pub file: String,
+    /// Offset within `file` of the first event after the commit.
+    pub pos: u64,
+    /// GTID of the last transaction before this position, if the server uses GTIDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid: Option<String>,
+    /// `server_id` of the source that wrote the binlog.
+    pub server_id: u32,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file, self.pos)?;
+        if let Some(g) = &self.gtid {
+            write!(f, " (gtid {g})")?;
+        }
+        Ok(())
+    }
+}
+
+/// The stored record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    position: Position,
+    /// Unix ms when it was written.
+    updated_at: u64,
+}
+
+/// Read the last checkpoint written under `key`, if any.
+pub fn load(kafka: &KafkaConfig, topic: &str, key: &str) -> Result<Option<Position>, KafkaError> {
+    let err = |e: String| KafkaError::ReadCheckpoint { topic: topic.to_owned(), error: e };
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", format!("rtinval-checkpoint-reader-{key}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(|e| err(e.to_string()))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(30))
+        .map_err(|e| err(e.to_string()))?;
+    if high <= low {
+        return Ok(None);
+    }
+    // Recent records first: a compacted (or young) topic finds it in the tail.
+    let mut start = (high - 1000).max(low);
+    loop {
+        let found = scan(&consumer, topic, key, start, high).map_err(err)?;
+        if found.is_some() || start == low {
+            return found
+                .map(|bytes| {
+                    serde_json::from_slice::<Stored>(&bytes).map(|s| s.position).map_err(|e| {
+                        KafkaError::BadCheckpoint { topic: topic.to_owned(), error: e.to_string() }
+                    })
+                })
+                .transpose();
+        }
+        start = low;
+    }
+}
+
+fn scan(
+    consumer: &BaseConsumer,
+    topic: &str,
+    key: &str,
+    start: i64,
+    high: i64,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(start)).map_err(|e| e.to_string())?;
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let mut last = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("timed out reading offsets {start}..{high}"));
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(last),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(m)) => {
+                if m.key() == Some(key.as_bytes()) {
+                    last = m.payload().map(<[u8]>::to_vec);
+                }
+                if m.offset() + 1 >= high {
+                    return Ok(last);
+                }
+            }
+        }
+    }
+}
+
+/// The checkpoint stage.
+pub struct Checkpointer {
+    pub producer: FutureProducer,
+    pub topic: String,
+    pub key: String,
+    pub interval: Duration,
+    pub metrics: Metrics,
+}
+
+impl Checkpointer {
+    /// Await deliveries in order; write the newest acknowledged position every `interval` and
+    /// once more when the input closes (shutdown).
+    pub async fn run(self, mut input: mpsc::Receiver<InFlight>) -> Result<(), KafkaError> {
+        let mut acked: Option<Position> = None;
+        let mut written: Option<Position> = None;
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                item = input.recv() => match item {
+                    Some(inflight) => {
+                        self.await_deliveries(inflight, &mut acked).await?;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if acked != written
+                        && let Some(p) = &acked {
+                            self.write(p).await?;
+                            written = acked.clone();
+                        }
+                }
+            }
+        }
+        if acked != written
+            && let Some(p) = &acked
+        {
+            self.write(p).await?;
+            info!(position = %p, "Final checkpoint written.");
+        }
+        Ok(())
+    }
+
+    async fn await_deliveries(
+        &self,
+        inflight: InFlight,
+        acked: &mut Option<Position>,
+    ) -> Result<(), KafkaError> {
+        let position = inflight.position;
+        for (delivery, kind) in inflight.deliveries.into_iter().zip(inflight.kinds) {
+            match delivery.await {
+                Ok(Ok(_)) => self.metrics.published(kind, inflight.committed_at),
+                Ok(Err((e, _))) => {
+                    return Err(KafkaError::Delivery { position: position.to_string(), error: e.to_string() });
+                }
+                Err(_) => {
+                    return Err(KafkaError::Delivery {
+                        position: position.to_string(),
+                        error: "delivery report lost (producer closed)".into(),
+                    });
+                }
+            }
+        }
+        debug!(%position, "Batch acknowledged.");
+        self.metrics.set_position(&position);
+        *acked = Some(position);
+        Ok(())
+    }
+
+    async fn write(&self, position: &Position) -> Result<(), KafkaError> {
+        let stored = Stored { position: position.clone(), updated_at: crate::now_ms() };
+        let payload = serde_json::to_vec(&stored).map_err(|e| KafkaError::Delivery {
+            position: position.to_string(),
+            error: e.to_string(),
+        })?;
+        let record = FutureRecord::to(&self.topic).key(&self.key).payload(&payload).partition(0);
+        self.producer
+            .send(record, Duration::from_secs(300))
+            .await
+            .map_err(|(e, _)| KafkaError::Delivery { position: position.to_string(), error: e.to_string() })?;
+        self.metrics.checkpoint_written();
+        debug!(%position, "Checkpoint written.");
+        Ok(())
+    }
+}

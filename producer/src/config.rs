@@ -1,0 +1,434 @@
+//! Producer configuration (TOML). Every field is documented for operators; `validate()` checks
+//! cross-field rules before anything connects. Secrets may come from the environment:
+//! `RTINVAL_SOURCE_PASSWORD` overrides the password in `source.url`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use rtinval_schemas::Op;
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::rules::Template;
+
+/// The whole producer configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The MySQL/MariaDB server whose binlog is tailed.
+    pub source: SourceConfig,
+    /// Where events go.
+    pub kafka: KafkaConfig,
+    /// Pipeline tuning.
+    #[serde(default)]
+    pub producer: ProducerSettings,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Table change → invalidation rules. Tables without a rule are ignored.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// Connection to the binlog source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `mysql://user:password@host:port`. The account needs REPLICATION SLAVE, REPLICATION
+    /// CLIENT (MariaDB: BINLOG MONITOR) and SELECT on the watched schemas.
+    pub url: String,
+    /// Database that unqualified rule tables (`table = "Object"`) belong to.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Replica server id this producer registers with; unique among the source's replicas.
+    #[serde(default = "default_server_id")]
+    pub server_id: u32,
+    /// Seconds between binlog heartbeats the server sends while idle (detects dead links).
+    #[serde(default = "default_binlog_heartbeat_secs")]
+    pub binlog_heartbeat_secs: u64,
+    /// Seconds without any binlog traffic (events or heartbeats) before reconnecting.
+    #[serde(default = "default_read_timeout_secs")]
+    pub read_timeout_secs: u64,
+}
+
+/// Kafka connection and topics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Topic names are `<prefix>.pool-reset`, `<prefix>.cache-keys`, `<prefix>.checkpoints`.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Partitions of the event topics when the producer creates them.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of topics the producer creates.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Name under which this producer group stores its binlog position in the checkpoint
+    /// topic; producers sharing it (active + standbys) resume from each other's position.
+    #[serde(default = "default_checkpoint_key")]
+    pub checkpoint_key: String,
+    /// Extra librdkafka settings (e.g. `"security.protocol" = "ssl"`).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+/// Pipeline tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerSettings {
+    /// Milliseconds between heartbeats (freshness signal to consumers, checkpoint advance).
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Distinct keys of one cache in one transaction above which the cache is flushed instead.
+    #[serde(default = "default_max_keys_per_transaction")]
+    pub max_keys_per_transaction: usize,
+    /// Keys per `cache_keys` message (a transaction's keys are split into chunks of this size).
+    #[serde(default = "default_keys_per_event")]
+    pub keys_per_event: usize,
+    /// Milliseconds between checkpoint writes (a checkpoint is also written on shutdown).
+    #[serde(default = "default_checkpoint_ms")]
+    pub checkpoint_ms: u64,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        ProducerSettings {
+            heartbeat_ms: default_heartbeat_ms(),
+            max_keys_per_transaction: default_max_keys_per_transaction(),
+            keys_per_event: default_keys_per_event(),
+            checkpoint_ms: default_checkpoint_ms(),
+        }
+    }
+}
+
+/// HTTP endpoint for metrics and probes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port` to listen on; empty disables the endpoint.
+    #[serde(default = "default_producer_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: default_producer_listen() }
+    }
+}
+
+/// One rule: which changes of one table cause which invalidations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// `database.table`, or `table` in `source.database`.
+    pub table: String,
+    /// Operations that trigger the rule (default: all three).
+    #[serde(default = "default_ops")]
+    pub ops: Vec<Op>,
+    /// For updates: fire only if one of these columns changed (empty: any change).
+    #[serde(default)]
+    pub when_changed: Vec<String>,
+    /// Pools to reset (graceful reload) when the rule fires.
+    #[serde(default)]
+    pub reset_pools: Vec<String>,
+    /// Cache whose keys the rule purges; needs `keys`.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// Key templates, e.g. `"object:{id}"`; placeholders name columns. Rendered from the
+    /// before and the after image, so an update that renames yields both keys. A NULL value
+    /// yields no key for that image; a column missing from the image flushes the cache.
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+fn default_server_id() -> u32 {
+    4_242_001
+}
+fn default_binlog_heartbeat_secs() -> u64 {
+    1
+}
+fn default_read_timeout_secs() -> u64 {
+    10
+}
+fn default_topic_prefix() -> String {
+    "rtinval".to_owned()
+}
+fn default_partitions() -> i32 {
+    1
+}
+fn default_replication_factor() -> i32 {
+    1
+}
+fn default_checkpoint_key() -> String {
+    "default".to_owned()
+}
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+fn default_max_keys_per_transaction() -> usize {
+    10_000
+}
+fn default_keys_per_event() -> usize {
+    500
+}
+fn default_checkpoint_ms() -> u64 {
+    1000
+}
+fn default_producer_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+fn default_ops() -> Vec<Op> {
+    vec![Op::Insert, Op::Update, Op::Delete]
+}
+
+/// A rule with its table resolved to `database.table` and templates parsed.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub database: String,
+    pub table: String,
+    pub ops: BTreeSet<Op>,
+    pub when_changed: Vec<String>,
+    pub reset_pools: Vec<String>,
+    pub cache: Option<String>,
+    pub keys: Vec<Template>,
+}
+
+impl Rule {
+    /// `database.table`.
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", self.database, self.table)
+    }
+
+    /// Every column the rule reads: template placeholders and `when_changed`.
+    pub fn columns(&self) -> BTreeSet<&str> {
+        self.keys
+            .iter()
+            .flat_map(Template::columns)
+            .chain(self.when_changed.iter().map(String::as_str))
+            .collect()
+    }
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), error: e })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        if let Ok(password) = std::env::var("RTINVAL_SOURCE_PASSWORD") {
+            config.source.url = with_password(&config.source.url, &password)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks that need no server.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        mysql_async::Opts::from_url(&self.source.url)
+            .map_err(|e| ConfigError::Invalid(format!("source.url is not a mysql:// URL: {e}")))?;
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::Invalid("kafka.brokers is empty".into()));
+        }
+        if !valid_name(&self.kafka.topic_prefix) {
+            return Err(ConfigError::Invalid(format!(
+                "kafka.topic_prefix {:?} may use only letters, digits, '.', '_' and '-'",
+                self.kafka.topic_prefix
+            )));
+        }
+        if self.kafka.partitions < 1 || self.kafka.replication_factor < 1 {
+            return Err(ConfigError::Invalid(
+                "kafka.partitions and kafka.replication_factor must be at least 1".into(),
+            ));
+        }
+        if self.producer.heartbeat_ms == 0 || self.producer.checkpoint_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "producer.heartbeat_ms and producer.checkpoint_ms must be positive".into(),
+            ));
+        }
+        if self.producer.keys_per_event == 0 {
+            return Err(ConfigError::Invalid("producer.keys_per_event must be positive".into()));
+        }
+        self.rules()?;
+        Ok(())
+    }
+
+    /// Rules with tables resolved and templates parsed.
+    pub fn rules(&self) -> Result<Vec<Rule>, ConfigError> {
+        self.rules.iter().enumerate().map(|(i, r)| self.rule(i, r)).collect()
+    }
+
+    fn rule(&self, index: usize, r: &RuleConfig) -> Result<Rule, ConfigError> {
+        let at = |msg: String| ConfigError::Rule { index, table: r.table.clone(), msg };
+        let (database, table) = match r.table.split_once('.') {
+            Some((d, t)) => (d.to_owned(), t.to_owned()),
+            None => match &self.source.database {
+                Some(d) => (d.clone(), r.table.clone()),
+                None => {
+                    return Err(at(
+                        "table is not qualified; write \"database.table\" or set source.database"
+                            .into(),
+                    ));
+                }
+            },
+        };
+        if database.is_empty() || table.is_empty() {
+            return Err(at("table must be \"database.table\"".into()));
+        }
+        if r.ops.is_empty() {
+            return Err(at("ops is empty; the rule would never fire".into()));
+        }
+        if r.reset_pools.is_empty() && r.cache.is_none() {
+            return Err(at("the rule does nothing: set reset_pools and/or cache + keys".into()));
+        }
+        if r.cache.is_some() != !r.keys.is_empty() {
+            return Err(at("cache and keys go together: a cache needs key templates".into()));
+        }
+        for name in r.reset_pools.iter().chain(r.cache.iter()) {
+            if !valid_name(name) {
+                return Err(at(format!(
+                    "pool/cache name {name:?} may use only letters, digits, '.', '_' and '-'"
+                )));
+            }
+        }
+        let keys = r
+            .keys
+            .iter()
+            .map(|k| Template::parse(k).map_err(|e| at(format!("key template {k:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Rule {
+            database,
+            table,
+            ops: r.ops.iter().copied().collect(),
+            when_changed: r.when_changed.clone(),
+            reset_pools: r.reset_pools.clone(),
+            cache: r.cache.clone(),
+            keys,
+        })
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.producer.heartbeat_ms)
+    }
+
+    /// The source URL with the password replaced by `***`, for logs.
+    pub fn redacted_source_url(&self) -> String {
+        redact_url(&self.source.url)
+    }
+}
+
+/// Names of pools, caches and topic prefixes: safe in topic names, metric labels and logs.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn with_password(url: &str, password: &str) -> Result<String, ConfigError> {
+    let opts = mysql_async::Opts::from_url(url)
+        .map_err(|e| ConfigError::Invalid(format!("source.url is not a mysql:// URL: {e}")))?;
+    let user = opts.user().unwrap_or("root");
+    let rest = url.rsplit_once('@').map(|(_, r)| r).unwrap_or_else(|| {
+        url.strip_prefix("mysql://").unwrap_or(url)
+    });
+    Ok(format!("mysql://{user}:{}@{rest}", percent_encode(password)))
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Replace the password of a `scheme://user:password@host` URL by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(s).map_err(|e| ConfigError::Parse {
+            path: "test".into(),
+            error: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    const BASE: &str = r#"
+[source]
+url = "mysql://u:p@127.0.0.1:3306"
+database = "racktables"
+[kafka]
+brokers = "127.0.0.1:9092"
+"#;
+
+    #[test]
+    fn minimal_config_with_one_rule() {
+        let c = parse(&format!(
+            "{BASE}\n[[rules]]\ntable = \"Object\"\nreset_pools = [\"rtapi\"]\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n"
+        ))
+        .unwrap();
+        let rules = c.rules().unwrap();
+        assert_eq!(rules[0].qualified_table(), "racktables.Object");
+        assert_eq!(rules[0].columns().into_iter().collect::<Vec<_>>(), vec!["id"]);
+        assert_eq!(c.kafka.topic_prefix, "rtinval");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_rules_are_refused_with_a_reason() {
+        let err = parse(&format!("{BASE}\n[[rules]]\ntable = \"Object\"\nreset_pool = [\"x\"]\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("reset_pool"), "{err}");
+        let err = parse(&format!("{BASE}\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("key templates"), "{err}");
+        let err = parse(&format!("{BASE}\n[[rules]]\ntable = \"Object\"\n")).unwrap_err();
+        assert!(err.to_string().contains("does nothing"), "{err}");
+        let err = parse(&format!(
+            "{BASE}\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id\"]\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("object:{id"), "{err}");
+    }
+
+    #[test]
+    fn unqualified_table_needs_a_database() {
+        let base = BASE.replace("database = \"racktables\"\n", "");
+        let err = parse(&format!("{base}\n[[rules]]\ntable = \"Object\"\nreset_pools = [\"p\"]\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("source.database"), "{err}");
+    }
+
+    #[test]
+    fn password_override_and_redaction() {
+        let url = with_password("mysql://u:old@h:1/db", "n@w:pw").unwrap();
+        assert_eq!(url, "mysql://u:n%40w%3Apw@h:1/db");
+        let opts = mysql_async::Opts::from_url(&url).unwrap();
+        assert_eq!(opts.pass(), Some("n@w:pw"));
+        assert_eq!(redact_url("mysql://u:secret@h:1"), "mysql://u:***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+}

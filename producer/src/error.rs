@@ -1,0 +1,83 @@
+//! Errors at the producer's module boundaries. Each variant names a condition and carries the
+//! fields an operator needs; `is_transient` separates "retry with backoff" from "stop and say why".
+
+use thiserror::Error;
+
+/// The configuration file cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("config {path} is not valid: {error}")]
+    Parse { path: String, error: String },
+    #[error("config: {0}")]
+    Invalid(String),
+    #[error("config: rule #{index} (table {table:?}): {msg}")]
+    Rule { index: usize, table: String, msg: String },
+}
+
+/// The binlog source failed.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error(
+        "source server setting {setting} is {actual:?}, rtinval needs {expected:?}; set it in the server config ({setting}={expected}) and restart the server"
+    )]
+    InvalidServerSetting { setting: &'static str, expected: &'static str, actual: String },
+    #[error("rule for {table}: {msg}")]
+    RuleDoesNotMatchSchema { table: String, msg: String },
+    #[error(
+        "the source account lacks a privilege: {msg}; grant REPLICATION SLAVE, BINLOG MONITOR (MySQL: REPLICATION CLIENT) on *.* and SELECT on the watched schemas"
+    )]
+    MissingPrivilege { msg: String },
+    #[error("cannot connect to the source {url}: {error}")]
+    Connect { url: String, error: mysql_async::Error },
+    #[error("binlog stream failed at {position}: {error}")]
+    Stream { position: String, error: String },
+    #[error("binlog position {position} is no longer on the server: {error}")]
+    PositionLost { position: String, error: String },
+    #[error("binlog stream idle for {secs} s at {position} (no events, no heartbeats)")]
+    ReadTimeout { position: String, secs: u64 },
+    #[error("cannot decode binlog event at {position} (table {table}): {error}")]
+    Decode { position: String, table: String, error: String },
+    #[error("query on the source failed: {0}")]
+    Query(#[from] mysql_async::Error),
+    #[error("the publish stage stopped")]
+    OutputClosed,
+}
+
+impl SourceError {
+    /// Transient errors are retried with backoff; the others stop the producer.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Connect { .. }
+            | SourceError::Stream { .. }
+            | SourceError::ReadTimeout { .. } => true,
+            SourceError::Query(e) => !matches!(e, mysql_async::Error::Server(s) if is_privilege_error(s.code)),
+            _ => false,
+        }
+    }
+}
+
+/// MySQL/MariaDB error codes that mean "the account is not allowed to".
+pub fn is_privilege_error(code: u16) -> bool {
+    // ER_DBACCESS_DENIED, ER_ACCESS_DENIED, ER_TABLEACCESS_DENIED, ER_COLUMNACCESS_DENIED,
+    // ER_SPECIFIC_ACCESS_DENIED
+    matches!(code, 1044 | 1045 | 1142 | 1143 | 1227)
+}
+
+/// Kafka publishing or checkpointing failed.
+#[derive(Debug, Error)]
+pub enum KafkaError {
+    #[error("cannot create Kafka client for {brokers}: {error}")]
+    Client { brokers: String, error: rdkafka::error::KafkaError },
+    #[error("cannot create topic {topic}: {error}")]
+    CreateTopic { topic: String, error: String },
+    #[error("cannot read metadata of topic {topic}: {error}")]
+    Metadata { topic: String, error: String },
+    #[error("Kafka did not acknowledge an event for {position} after all retries: {error}")]
+    Delivery { position: String, error: String },
+    #[error("cannot read the checkpoint from {topic}: {error}")]
+    ReadCheckpoint { topic: String, error: String },
+    #[error("the checkpoint in {topic} is not valid JSON: {error}")]
+    BadCheckpoint { topic: String, error: String },
+}

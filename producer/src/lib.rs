@@ -1,0 +1,134 @@
+//! # Layout
+//!
+//! `rtinval-producer` tails a MySQL/MariaDB binlog and publishes cache-invalidation events.
+//! One module per pipeline stage, wired by [`run`]:
+//!
+//! ```text
+//! source (binlog, reconnects) → decode (typed rows) → rules (pure: row → intents)
+//!     → batch (pure: per commit) ──mpsc──► publish (Kafka) ──mpsc──► checkpoint (acks → position)
+//! ```
+//!
+//! Plus [`config`] (TOML), [`error`] (one enum per boundary) and [`metrics`] (Prometheus, probes).
+//!
+//! Guarantees:
+//! - **Order and completeness.** Every commit of a watched table that produces intents becomes
+//!   one batch, handed downstream in binlog order; channels are bounded, so a slow or absent
+//!   Kafka stops the binlog reader (back-pressure) instead of buffering or dropping.
+//! - **Checkpoint after acknowledgment.** The stored position moves only past batches whose
+//!   every message Kafka acknowledged (`acks=all`, idempotent producer). Positions are commit
+//!   boundaries; a restart re-reads from there, so a crash yields duplicates, never gaps.
+//! - **Idempotent ids.** Event ids derive from the source position, so re-published events
+//!   are recognisable as duplicates.
+//! - **Never silent.** No checkpoint → `resync`; position gone from the server → `resync`;
+//!   a key that cannot be derived or too many keys → `cache_flush`. Each is logged and counted.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod decode;
+pub mod error;
+pub mod metrics;
+pub mod publish;
+pub mod rules;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::checkpoint::Checkpointer;
+use crate::config::Config;
+use crate::error::{KafkaError, SourceError};
+use crate::metrics::Metrics;
+use crate::publish::{Publisher, Topics};
+use crate::source::{BinlogSource, Start};
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("HTTP endpoint {listen}: {error}")]
+    Http { listen: String, error: std::io::Error },
+    #[error("a pipeline stage panicked: {0}")]
+    Panic(String),
+}
+
+/// Run the producer until `shutdown` or the first fatal error.
+pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) -> Result<(), PipelineError> {
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    let source = BinlogSource::new(config.clone(), metrics.clone())?;
+    // Fail fast on server settings and rules before touching Kafka state.
+    source.check().await?;
+    publish::ensure_topics(&config.kafka, &topics).await?;
+    let producer = publish::producer(&config.kafka)?;
+    let mut partitions = BTreeMap::new();
+    for t in [&topics.pool_reset, &topics.cache_keys] {
+        partitions.insert(t.clone(), publish::partition_count(&producer, t)?);
+    }
+    let kafka = config.kafka.clone();
+    let (ck_topic, ck_key) = (topics.checkpoints.clone(), kafka.checkpoint_key.clone());
+    let stored = tokio::task::spawn_blocking(move || checkpoint::load(&kafka, &ck_topic, &ck_key))
+        .await
+        .map_err(|e| PipelineError::Panic(e.to_string()))??;
+    let start = match stored {
+        Some(p) => Start::Checkpoint(p),
+        None => Start::Current,
+    };
+
+    let (batch_tx, batch_rx) = mpsc::channel(256);
+    let (inflight_tx, inflight_rx) = mpsc::channel(1024);
+    let publisher = Publisher { producer: producer.clone(), topics: topics.clone(), partitions, metrics: metrics.clone() };
+    let checkpointer = Checkpointer {
+        producer,
+        topic: topics.checkpoints.clone(),
+        key: config.kafka.checkpoint_key.clone(),
+        interval: Duration::from_millis(config.producer.checkpoint_ms),
+        metrics: metrics.clone(),
+    };
+
+    let mut stages: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
+    let sd = shutdown.clone();
+    stages.spawn(async move { ("source", source.run(start, batch_tx, sd).await.map_err(Into::into)) });
+    let sd = shutdown.clone();
+    stages.spawn(async move { ("publish", publisher.run(batch_rx, inflight_tx, sd).await.map_err(Into::into)) });
+    stages.spawn(async move { ("checkpoint", checkpointer.run(inflight_rx).await.map_err(Into::into)) });
+    if !config.http.listen.is_empty() {
+        let (listen, m, sd) = (config.http.listen.clone(), metrics.clone(), shutdown.clone());
+        stages.spawn(async move {
+            let r = metrics::serve(&listen, m, sd).await;
+            ("http", r.map_err(|error| PipelineError::Http { listen, error }))
+        });
+    }
+    info!(topics = ?topics, "Producer running.");
+
+    let mut first_error = None;
+    while let Some(joined) = stages.join_next().await {
+        let (stage, result) = match joined {
+            Ok(r) => r,
+            Err(e) => ("?", Err(PipelineError::Panic(e.to_string()))),
+        };
+        if let Err(e) = result {
+            error!(stage, error = %e, "Stage failed; stopping the pipeline.");
+            shutdown.cancel();
+            first_error.get_or_insert(e);
+        } else if stage == "source" {
+            // The source ended (shutdown): the others drain and finish on their own.
+            shutdown.cancel();
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

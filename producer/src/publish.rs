@@ -1,0 +1,228 @@
+//! Publish stage: events → Kafka (idempotent producer, `acks=all`), and topic administration.
+//!
+//! Routing: `pool_reset` and `resync` go to `<prefix>.pool-reset` (message key: the pool name,
+//! or `resync`), `cache_keys` and `cache_flush` to `<prefix>.cache-keys` (message key: the cache
+//! name), and each `heartbeat` to every partition of both topics so that every consumer
+//! partition learns how fresh it is. Headers carry kind and schema version.
+//!
+//! The stage hands each batch's delivery futures, with the batch's source position, to the
+//! checkpoint stage in order; nothing here moves the checkpoint.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rtinval_schemas::{Event, EventBody, HEADER_KIND, HEADER_SCHEMA_VERSION};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::checkpoint::Position;
+use crate::config::KafkaConfig;
+use crate::error::KafkaError;
+use crate::metrics::Metrics;
+
+/// Topic names derived from the prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub pool_reset: String,
+    pub cache_keys: String,
+    pub checkpoints: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Topics {
+        Topics {
+            pool_reset: format!("{prefix}.pool-reset"),
+            cache_keys: format!("{prefix}.cache-keys"),
+            checkpoints: format!("{prefix}.checkpoints"),
+        }
+    }
+}
+
+/// What the source stage sends: the events of one commit (or a heartbeat), and the position
+/// from which to resume once they are acknowledged.
+#[derive(Debug)]
+pub struct Batch {
+    pub position: Position,
+    pub events: Vec<Event>,
+}
+
+/// A batch in flight: its position and one delivery future per message.
+pub struct InFlight {
+    pub position: Position,
+    pub deliveries: Vec<DeliveryFuture>,
+    pub kinds: Vec<rtinval_schemas::EventKind>,
+    pub committed_at: u64,
+}
+
+/// librdkafka settings shared by the producer's clients.
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers);
+    for (k, v) in &kafka.options {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The idempotent, acks=all producer.
+pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    client_config(kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "300000")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+        .map_err(|error| KafkaError::Client { brokers: kafka.brokers.clone(), error })
+}
+
+/// Create the event topics and the checkpoint topic if missing (an existing topic is fine).
+pub async fn ensure_topics(kafka: &KafkaConfig, topics: &Topics) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
+        .create()
+        .map_err(|error| KafkaError::Client { brokers: kafka.brokers.clone(), error })?;
+    let rf = || TopicReplication::Fixed(kafka.replication_factor);
+    let new = [
+        NewTopic::new(&topics.pool_reset, kafka.partitions, rf()),
+        NewTopic::new(&topics.cache_keys, kafka.partitions, rf()),
+        NewTopic::new(&topics.checkpoints, 1, rf()).set("cleanup.policy", "compact"),
+    ];
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(|e| KafkaError::CreateTopic { topic: topics.pool_reset.clone(), error: e.to_string() })?;
+    for r in results {
+        match r {
+            Ok(topic) => info!(%topic, "Created topic."),
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => debug!(%topic, "Topic exists."),
+            Err((topic, code)) => {
+                return Err(KafkaError::CreateTopic { topic, error: code.to_string() });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Number of partitions of `topic` (waits for metadata up to 30 s).
+pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, KafkaError> {
+    let md = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .map_err(|e| KafkaError::Metadata { topic: topic.to_owned(), error: e.to_string() })?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| KafkaError::Metadata { topic: topic.to_owned(), error: "not found".into() })?;
+    if let Some(e) = t.error() {
+        return Err(KafkaError::Metadata { topic: topic.to_owned(), error: format!("{e:?}") });
+    }
+    Ok(t.partitions().len().max(1) as i32)
+}
+
+/// The publish stage.
+pub struct Publisher {
+    pub producer: FutureProducer,
+    pub topics: Topics,
+    /// Partition counts of the two event topics, for heartbeats.
+    pub partitions: BTreeMap<String, i32>,
+    pub metrics: Metrics,
+}
+
+impl Publisher {
+    pub async fn run(
+        self,
+        mut input: mpsc::Receiver<Batch>,
+        output: mpsc::Sender<InFlight>,
+        shutdown: CancellationToken,
+    ) -> Result<(), KafkaError> {
+        // On shutdown the source stops first; we drain what it already sent.
+        let _ = shutdown;
+        while let Some(batch) = input.recv().await {
+            let committed_at = batch.events.first().map_or(0, |e| e.source.committed_at);
+            let mut deliveries = Vec::with_capacity(batch.events.len());
+            let mut kinds = Vec::with_capacity(batch.events.len());
+            for event in &batch.events {
+                let payload = event.to_json();
+                for (topic, partition, key) in self.routes(event) {
+                    deliveries.push(self.send(topic, partition, &key, &payload, event).await?);
+                    kinds.push(event.kind());
+                }
+            }
+            let inflight = InFlight { position: batch.position, deliveries, kinds, committed_at };
+            if output.send(inflight).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn routes<'a>(&'a self, event: &'a Event) -> Vec<(&'a str, Option<i32>, String)> {
+        match &event.body {
+            EventBody::PoolReset { pools } => {
+                vec![(self.topics.pool_reset.as_str(), None, pools.join(","))]
+            }
+            EventBody::Resync { .. } => vec![(self.topics.pool_reset.as_str(), Some(0), "resync".into())],
+            EventBody::CacheKeys { cache, .. } | EventBody::CacheFlush { cache, .. } => {
+                vec![(self.topics.cache_keys.as_str(), None, cache.clone())]
+            }
+            EventBody::Heartbeat { .. } => {
+                let mut routes = Vec::new();
+                for topic in [&self.topics.pool_reset, &self.topics.cache_keys] {
+                    let n = self.partitions.get(topic.as_str()).copied().unwrap_or(1);
+                    for p in 0..n {
+                        routes.push((topic.as_str(), Some(p), "heartbeat".to_owned()));
+                    }
+                }
+                routes
+            }
+        }
+    }
+
+    /// Enqueue one message; waits (back-pressure) while librdkafka's queue is full.
+    async fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        event: &Event,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let version = event.schema_version.to_string();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: HEADER_KIND, value: Some(event.kind().as_str()) })
+                .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(version.as_str()) });
+            let mut record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            match self.producer.send_result(record) {
+                Ok(f) => return Ok(f),
+                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    self.metrics.publish_backpressure.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err((e, _)) => {
+                    // Not retriable (e.g. message too large): stop before the checkpoint can
+                    // move past this event; a restart resumes from the last checkpoint.
+                    warn!(%topic, error = %e, id = %event.id, "Kafka refused an event.");
+                    return Err(KafkaError::Delivery {
+                        position: event.id.clone(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Rules stage (pure): a row change of a watched table → invalidation intents.
+//!
+//! Rules are compiled against the column list of each TABLE_MAP event ([`TableRules::compile`]),
+//! so column lookups are index-based on the hot path and a column that disappeared (schema
+//! change) is known before any row arrives: it turns the affected key into a `cache_flush` of
+//! that cache (reason `key_underivable`) instead of a silent skip.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use rtinval_schemas::Op;
+
+use crate::config::Rule;
+use crate::decode::{RowChange, Value};
+
+/// A parsed key template such as `object:{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Column(String),
+}
+
+impl Template {
+    /// Parse `literal{column}literal...`; `{{` and `}}` are literal braces.
+    pub fn parse(s: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    lit.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    lit.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == '$' => {
+                                name.push(c)
+                            }
+                            Some(c) => return Err(format!("invalid character {c:?} in placeholder")),
+                            None => return Err("unclosed placeholder, missing '}'".into()),
+                        }
+                    }
+                    if name.is_empty() {
+                        return Err("empty placeholder {}".into());
+                    }
+                    if !lit.is_empty() {
+                        parts.push(Part::Literal(std::mem::take(&mut lit)));
+                    }
+                    parts.push(Part::Column(name));
+                }
+                '}' => return Err("unmatched '}' (write '}}' for a literal brace)".into()),
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            parts.push(Part::Literal(lit));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Column(_))) {
+            return Err("no placeholder: every row would purge the same key".into());
+        }
+        Ok(Template { parts })
+    }
+
+    /// Column names the template reads.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Column(c) => Some(c.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+}
+
+/// What a row change asks for, before per-transaction batching.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Intent {
+    ResetPool(Arc<str>),
+    PurgeKey { cache: Arc<str>, key: String },
+    FlushCache { cache: Arc<str>, reason: &'static str },
+}
+
+/// The rules of one table, compiled against one column list.
+#[derive(Debug)]
+pub struct TableRules {
+    /// `database.table`.
+    pub table: Arc<str>,
+    rules: Vec<CompiledRule>,
+    /// Columns rules reference that the table does not have (reported once per compile).
+    pub missing_columns: Vec<String>,
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    ops: BTreeSet<Op>,
+    /// Indexes of `when_changed` columns; `None` for a missing column (treated as changed).
+    when_changed: Vec<Option<usize>>,
+    pools: Vec<Arc<str>>,
+    cache: Option<Arc<str>>,
+    keys: Vec<CompiledTemplate>,
+}
+
+#[derive(Debug)]
+enum CompiledPart {
+    Literal(String),
+    Column(usize),
+    Missing,
+}
+
+#[derive(Debug)]
+struct CompiledTemplate(Vec<CompiledPart>);
+
+/// How rendering one template from one row image went.
+enum Rendered {
+    Key(String),
+    /// A NULL placeholder value: the application cannot have a key for it.
+    NoKey,
+    /// The column is unknown or absent from the image: the key cannot be derived.
+    Underivable,
+}
+
+impl CompiledTemplate {
+    fn render(&self, row: &[Value]) -> Rendered {
+        let mut key = String::new();
+        for part in &self.0 {
+            match part {
+                CompiledPart::Literal(l) => key.push_str(l),
+                CompiledPart::Missing => return Rendered::Underivable,
+                CompiledPart::Column(i) => match row.get(*i) {
+                    None | Some(Value::Absent) => return Rendered::Underivable,
+                    Some(Value::Null) => return Rendered::NoKey,
+                    Some(v) => {
+                        v.render(&mut key);
+                    }
+                },
+            }
+        }
+        Rendered::Key(key)
+    }
+}
+
+impl TableRules {
+    /// Compile `rules` (all for this table) against the table's current column names.
+    pub fn compile(table: &str, rules: &[&Rule], columns: &[String]) -> TableRules {
+        let mut missing = BTreeSet::new();
+        let mut index = |name: &str| {
+            let i = columns.iter().position(|c| c.eq_ignore_ascii_case(name));
+            if i.is_none() {
+                missing.insert(name.to_owned());
+            }
+            i
+        };
+        let compiled = rules
+            .iter()
+            .map(|r| CompiledRule {
+                ops: r.ops.clone(),
+                when_changed: r.when_changed.iter().map(|c| index(c)).collect(),
+                pools: r.reset_pools.iter().map(|p| Arc::from(p.as_str())).collect(),
+                cache: r.cache.as_deref().map(Arc::from),
+                keys: r
+                    .keys
+                    .iter()
+                    .map(|t| {
+                        CompiledTemplate(
+                            t.parts
+                                .iter()
+                                .map(|p| match p {
+                                    Part::Literal(l) => CompiledPart::Literal(l.clone()),
+                                    Part::Column(c) => {
+                                        index(c).map_or(CompiledPart::Missing, CompiledPart::Column)
+                                    }
+                                })
+                                .collect(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        TableRules { table: Arc::from(table), rules: compiled, missing_columns: missing.into_iter().collect() }
+    }
+
+    /// The intents of one row change, appended to `out`.
+    pub fn intents(&self, change: &RowChange, out: &mut Vec<Intent>) {
+        for rule in &self.rules {
+            if !rule.ops.contains(&change.op) || !rule.fires_on(change) {
+                continue;
+            }
+            out.extend(rule.pools.iter().map(|p| Intent::ResetPool(p.clone())));
+            let Some(cache) = &rule.cache else { continue };
+            for template in &rule.keys {
+                for image in [&change.before, &change.after].into_iter().flatten() {
+                    match template.render(image) {
+                        Rendered::Key(key) => out.push(Intent::PurgeKey { cache: cache.clone(), key }),
+                        Rendered::NoKey => {}
+                        Rendered::Underivable => out.push(Intent::FlushCache {
+                            cache: cache.clone(),
+                            reason: "key_underivable",
+                        }),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CompiledRule {
+    /// `when_changed` filter: inserts and deletes always fire; updates fire when one of the
+    /// listed columns differs (or cannot be compared).
+    fn fires_on(&self, change: &RowChange) -> bool {
+        if change.op != Op::Update || self.when_changed.is_empty() {
+            return true;
+        }
+        let (Some(before), Some(after)) = (&change.before, &change.after) else { return true };
+        self.when_changed.iter().any(|i| match i {
+            None => true,
+            Some(i) => match (before.get(*i), after.get(*i)) {
+                (Some(b), Some(a)) => b != a || matches!(b, Value::Absent),
+                _ => true,
+            },
+        })
+    }
+}
+
+/// Convenience for tests and pure callers: the intents of one change as a vector.
+pub fn intents(rules: &TableRules, change: &RowChange) -> Vec<Intent> {
+    let mut out = Vec::new();
+    rules.intents(change, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rule(toml_rule: &str) -> Rule {
+        let text = format!(
+            "[source]\nurl = \"mysql://u:p@h:1\"\ndatabase = \"rt\"\n[kafka]\nbrokers = \"b:1\"\n[[rules]]\n{toml_rule}"
+        );
+        let c: crate::config::Config = toml::from_str(&text).unwrap();
+        c.rules().unwrap().remove(0)
+    }
+
+    fn cols(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn obj(id: i64, name: Option<&str>, label: &str) -> Vec<Value> {
+        vec![
+            Value::Int(id),
+            name.map_or(Value::Null, |n| Value::Bytes(n.as_bytes().to_vec())),
+            Value::Bytes(label.as_bytes().to_vec()),
+        ]
+    }
+
+    fn key(cache: &str, k: &str) -> Intent {
+        Intent::PurgeKey { cache: cache.into(), key: k.into() }
+    }
+
+    #[test]
+    fn rename_purges_old_and_new_name_keys() {
+        let r = rule(
+            "table = \"Object\"\nreset_pools = [\"rtapi\"]\ncache = \"rt\"\nkeys = [\"object:{id}\", \"object_name:{name}\"]",
+        );
+        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        let change = RowChange {
+            op: Op::Update,
+            before: Some(obj(42, Some("old"), "l")),
+            after: Some(obj(42, Some("new"), "l")),
+        };
+        let got = intents(&t, &change);
+        assert_eq!(
+            got,
+            vec![
+                Intent::ResetPool("rtapi".into()),
+                key("rt", "object:42"),
+                key("rt", "object:42"),
+                key("rt", "object_name:old"),
+                key("rt", "object_name:new"),
+            ]
+        );
+    }
+
+    #[test]
+    fn when_changed_filters_updates_only() {
+        let r = rule("table = \"Object\"\nwhen_changed = [\"name\"]\nreset_pools = [\"p\"]");
+        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        let label_only = RowChange {
+            op: Op::Update,
+            before: Some(obj(1, Some("a"), "x")),
+            after: Some(obj(1, Some("a"), "y")),
+        };
+        assert!(intents(&t, &label_only).is_empty());
+        let renamed = RowChange { after: Some(obj(1, Some("b"), "y")), ..label_only.clone() };
+        assert_eq!(intents(&t, &renamed).len(), 1);
+        let insert = RowChange { op: Op::Insert, before: None, after: Some(obj(1, Some("a"), "x")) };
+        assert_eq!(intents(&t, &insert).len(), 1);
+    }
+
+    #[test]
+    fn ops_filter_and_null_values() {
+        let r = rule("table = \"Object\"\nops = [\"delete\"]\ncache = \"rt\"\nkeys = [\"n:{name}\"]");
+        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        let insert = RowChange { op: Op::Insert, before: None, after: Some(obj(1, Some("a"), "x")) };
+        assert!(intents(&t, &insert).is_empty());
+        let delete_unnamed =
+            RowChange { op: Op::Delete, before: Some(obj(1, None, "x")), after: None };
+        assert!(intents(&t, &delete_unnamed).is_empty(), "NULL name: no key exists to purge");
+    }
+
+    #[test]
+    fn a_missing_column_flushes_the_cache_and_is_reported() {
+        let r = rule("table = \"Object\"\nreset_pools = [\"p\"]\ncache = \"rt\"\nkeys = [\"object:{id}\", \"asset:{asset_no}\"]");
+        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        assert_eq!(t.missing_columns, vec!["asset_no".to_string()]);
+        let del = RowChange { op: Op::Delete, before: Some(obj(7, Some("a"), "x")), after: None };
+        assert_eq!(
+            intents(&t, &del),
+            vec![
+                Intent::ResetPool("p".into()),
+                key("rt", "object:7"),
+                Intent::FlushCache { cache: "rt".into(), reason: "key_underivable" },
+            ]
+        );
+    }
+
+    #[test]
+    fn template_syntax() {
+        assert!(Template::parse("object:{id}").is_ok());
+        assert!(Template::parse("{{literal}}:{id}").is_ok());
+        assert!(Template::parse("static").is_err());
+        assert!(Template::parse("x:{id").is_err());
+        assert!(Template::parse("x:{}").is_err());
+        assert!(Template::parse("x:{a b}").is_err());
+        assert!(Template::parse("x}").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_failure_persistence(
+            prop::test_runner::FileFailurePersistence::WithSource("regressions"),
+        ))]
+        /// Rendering a template reproduces literal text and values in order, for any literals.
+        #[test]
+        fn template_renders_literals_and_values(pre in "[a-z:{}/]{0,8}", post in "[a-z:{}/]{0,8}", id in any::<i64>(), name in "[ -~]{1,12}") {
+            let esc = |s: &str| s.replace('{', "{{").replace('}', "}}");
+            let t = Template::parse(&format!("{}{{id}}-{{name}}{}", esc(&pre), esc(&post))).unwrap();
+            let c = CompiledTemplate(t.parts.iter().map(|p| match p {
+                Part::Literal(l) => CompiledPart::Literal(l.clone()),
+                Part::Column(c) if c == "id" => CompiledPart::Column(0),
+                Part::Column(_) => CompiledPart::Column(1),
+            }).collect());
+            let row = vec![Value::Int(id), Value::Bytes(name.clone().into_bytes())];
+            match c.render(&row) {
+                Rendered::Key(k) => prop_assert_eq!(k, format!("{pre}{id}-{name}{post}")),
+                _ => prop_assert!(false, "must render"),
+            }
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! Source stage: connects to MySQL/MariaDB as a replica, checks the server settings, validates
+//! the rules against the live schema, and streams the binlog. Row events of watched tables are
+//! decoded ([`crate::decode`]), turned into intents ([`crate::rules`]) and batched per
+//! transaction ([`crate::batch`]); each commit's events leave as one [`Batch`] whose position is
+//! the end of the commit event.
+//!
+//! Resumption: the stream always restarts at the last commit boundary handed downstream, so a
+//! reconnect mid-transaction re-reads that transaction whole. The stream ending, an error or
+//! `read_timeout_secs` without traffic (the server sends heartbeats every
+//! `binlog_heartbeat_secs` while idle) is a reconnect with backoff, never success.
+//!
+//! MariaDB specifics covered here: GTID events arrive as raw bytes (parsed below); the first
+//! ROTATE after connect precedes the format description and carries the checksum glued to the
+//! file name (it is ignored: we know the file we asked for).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mysql_async::binlog::EventType;
+use mysql_async::binlog::events::{Event as BinlogEvent, EventData, RowsEventData};
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStreamRequest, Conn, Opts};
+use rtinval_schemas::{Event, EventBody, Op, SCHEMA_VERSION, Source as EventSource, event_id};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::batch::{Batcher, Commit};
+use crate::checkpoint::Position;
+use crate::config::{Config, Rule};
+use crate::decode::{self, RowChange};
+use crate::error::{SourceError, is_privilege_error};
+use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
+use crate::publish::Batch;
+use crate::rules::{Intent, TableRules};
+
+/// MariaDB event types that mysql_common does not decode.
+const MARIADB_ANNOTATE_ROWS: u8 = 160;
+const MARIADB_BINLOG_CHECKPOINT: u8 = 161;
+const MARIADB_GTID: u8 = 162;
+const MARIADB_GTID_LIST: u8 = 163;
+/// MariaDB GTID event flag: a standalone statement (DDL) with no BEGIN/COMMIT around it.
+const MARIADB_FL_STANDALONE: u8 = 1;
+/// Server error "could not find first log file name in binary log index file" and relatives.
+const ER_MASTER_FATAL_ERROR_READING_BINLOG: u16 = 1236;
+
+/// What the server is, as far as the producer cares.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub server_id: u32,
+    pub is_mariadb: bool,
+    pub version: String,
+}
+
+/// Where to start streaming.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// Resume from a stored checkpoint.
+    Checkpoint(Position),
+    /// No checkpoint: start at the server's current position and publish a `resync`, since
+    /// changes before now were never published.
+    Current,
+}
+
+/// The source stage.
+pub struct BinlogSource {
+    config: Config,
+    rules: Vec<Rule>,
+    metrics: Metrics,
+}
+
+/// Per-stream state (reset on reconnect, except `position`).
+struct StreamState {
+    /// Last commit boundary handed downstream (or passed without events).
+    position: Position,
+    /// Binlog file of the events being read.
+    file: String,
+    seen_fde: bool,
+    tables: HashMap<u64, Option<Arc<TableRules>>>,
+    batcher: Batcher,
+    gtid: Option<String>,
+    standalone: bool,
+    /// True after a server heartbeat with nothing read since: we are caught up as of now.
+    caught_up: bool,
+    last_commit_ms: u64,
+    intents: Vec<Intent>,
+}
+
+impl BinlogSource {
+    pub fn new(config: Config, metrics: Metrics) -> Result<BinlogSource, SourceError> {
+        let rules = config.rules().map_err(|e| SourceError::RuleDoesNotMatchSchema {
+            table: "?".into(),
+            msg: e.to_string(),
+        })?;
+        Ok(BinlogSource { config, rules, metrics })
+    }
+
+    async fn connect(&self) -> Result<Conn, SourceError> {
+        let opts = Opts::from_url(&self.config.source.url).map_err(|e| SourceError::Stream {
+            position: String::new(),
+            error: format!("bad source.url: {e}"),
+        })?;
+        Conn::new(opts).await.map_err(|error| match error {
+            mysql_async::Error::Server(ref s) if is_privilege_error(s.code) => {
+                SourceError::MissingPrivilege { msg: s.message.clone() }
+            }
+            error => SourceError::Connect { url: self.config.redacted_source_url(), error },
+        })
+    }
+
+    /// Connect once and run the start-up checks: server settings and rules against the schema.
+    pub async fn check(&self) -> Result<ServerInfo, SourceError> {
+        let mut conn = self.connect().await?;
+        let info = check_server(&mut conn).await?;
+        validate_rules(&mut conn, &self.rules).await?;
+        let _ = conn.disconnect().await;
+        Ok(info)
+    }
+
+    /// Stream until `shutdown`, reconnecting on transient errors.
+    pub async fn run(
+        self,
+        start: Start,
+        output: mpsc::Sender<Batch>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let info = self.check().await?;
+        info!(server_id = info.server_id, version = %info.version, "Source server checks passed.");
+        let mut position = match start {
+            Start::Checkpoint(p) => {
+                info!(position = %p, "Resuming from checkpoint.");
+                p
+            }
+            Start::Current => {
+                let mut conn = self.connect().await?;
+                let p = current_position(&mut conn, info.server_id).await?;
+                let _ = conn.disconnect().await;
+                warn!(position = %p, "No checkpoint found: starting at the current position and publishing a resync.");
+                self.send_resync(&p, "no_checkpoint", &output).await?;
+                p
+            }
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let result = self.stream(&mut position, &output, &shutdown).await;
+            self.metrics.set_ready(false);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    self.metrics.reconnects.inc();
+                    warn!(position = %position, error = %e, retry_in_ms = backoff.as_millis() as u64, "Binlog stream interrupted, reconnecting.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(SourceError::PositionLost { error, .. }) => {
+                    // The position is gone (binlogs purged, or another server): say so, publish
+                    // a resync and continue from the server's current position.
+                    let mut conn = self.connect().await?;
+                    let current = current_position(&mut conn, info.server_id).await?;
+                    let _ = conn.disconnect().await;
+                    warn!(lost = %position, resume = %current, server_error = %error, "Binlog position no longer on the server: publishing resync.");
+                    self.send_resync(&current, "position_lost", &output).await?;
+                    position = current;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn send_resync(
+        &self,
+        p: &Position,
+        reason: &'static str,
+        output: &mpsc::Sender<Batch>,
+    ) -> Result<(), SourceError> {
+        self.metrics.resyncs.get_or_create(&ReasonLabel { reason }).inc();
+        let now = crate::now_ms();
+        let event = Event {
+            schema_version: SCHEMA_VERSION,
+            id: event_id(p.server_id, &p.file, p.pos, 0),
+            source: EventSource {
+                server_id: p.server_id,
+                gtid: p.gtid.clone(),
+                file: p.file.clone(),
+                pos: p.pos,
+                tables: vec![],
+                committed_at: now,
+            },
+            emitted_at: now,
+            body: EventBody::Resync { reason: reason.to_owned() },
+        };
+        output
+            .send(Batch { position: p.clone(), events: vec![event] })
+            .await
+            .map_err(|_| SourceError::OutputClosed)
+    }
+
+    /// One connection's worth of streaming. Returns `Ok` only on shutdown.
+    async fn stream(
+        &self,
+        position: &mut Position,
+        output: &mpsc::Sender<Batch>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut conn = self.connect().await?;
+        let hb_ns = self.config.source.binlog_heartbeat_secs.max(1) * 1_000_000_000;
+        conn.query_drop(format!("SET @master_heartbeat_period = {hb_ns}")).await?;
+        // GTID events instead of fake BEGIN queries, so events carry their GTID.
+        conn.query_drop("SET @mariadb_slave_capability = 4").await?;
+        let request = BinlogStreamRequest::new(self.config.source.server_id)
+            .with_filename(position.file.as_bytes())
+            .with_pos(position.pos);
+        let mut stream = conn.get_binlog_stream(request).await?;
+        info!(position = %position, "Streaming binlog.");
+        self.metrics.set_ready(true);
+
+        let settings = &self.config.producer;
+        let mut st = StreamState {
+            position: position.clone(),
+            file: position.file.clone(),
+            seen_fde: false,
+            tables: HashMap::new(),
+            batcher: Batcher::new(settings.max_keys_per_transaction, settings.keys_per_event),
+            gtid: None,
+            standalone: false,
+            caught_up: false,
+            last_commit_ms: 0,
+            intents: Vec::new(),
+        };
+        let read_timeout = Duration::from_secs(self.config.source.read_timeout_secs.max(1));
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval());
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    *position = st.position.clone();
+                    return Ok(());
+                }
+                _ = heartbeat.tick() => {
+                    let batch = self.heartbeat(&st);
+                    output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
+                }
+                next = tokio::time::timeout(read_timeout, stream.next()) => {
+                    let event = match next {
+                        Err(_) => return Err(SourceError::ReadTimeout {
+                            position: st.position.to_string(),
+                            secs: read_timeout.as_secs(),
+                        }),
+                        Ok(None) => return Err(SourceError::Stream {
+                            position: st.position.to_string(),
+                            error: "the server closed the binlog stream".into(),
+                        }),
+                        Ok(Some(Err(mysql_async::Error::Server(e))))
+                            if e.code == ER_MASTER_FATAL_ERROR_READING_BINLOG =>
+                        {
+                            return Err(SourceError::PositionLost {
+                                position: st.position.to_string(),
+                                error: e.message,
+                            });
+                        }
+                        Ok(Some(Err(e))) => {
+                            return Err(SourceError::Stream {
+                                position: st.position.to_string(),
+                                error: e.to_string(),
+                            });
+                        }
+                        Ok(Some(Ok(event))) => event,
+                    };
+                    let batch = self.handle(&mut st, &stream, event)?;
+                    *position = st.position.clone();
+                    if let Some(batch) = batch {
+                        output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&self, st: &StreamState) -> Batch {
+        let now = crate::now_ms();
+        let source_time = if st.caught_up { now } else { st.last_commit_ms };
+        let p = &st.position;
+        Batch {
+            position: p.clone(),
+            events: vec![Event {
+                schema_version: SCHEMA_VERSION,
+                // Heartbeats derive from no change; the emission time makes the id unique.
+                id: event_id(p.server_id, &p.file, p.pos, now as usize),
+                source: EventSource {
+                    server_id: p.server_id,
+                    gtid: p.gtid.clone(),
+                    file: p.file.clone(),
+                    pos: p.pos,
+                    tables: vec![],
+                    committed_at: st.last_commit_ms,
+                },
+                emitted_at: now,
+                body: EventBody::Heartbeat { source_time },
+            }],
+        }
+    }
+
+    /// Handle one binlog event; returns a batch at a commit that produced events.
+    fn handle(
+        &self,
+        st: &mut StreamState,
+        stream: &mysql_async::BinlogStream,
+        event: BinlogEvent,
+    ) -> Result<Option<Batch>, SourceError> {
+        let header = event.header();
+        let raw_type = header.event_type_raw();
+        if raw_type == EventType::HEARTBEAT_EVENT as u8 {
+            st.caught_up = true;
+            self.metrics.binlog_lag_seconds.set(0.0);
+            return Ok(None);
+        }
+        st.caught_up = false;
+        if header.timestamp() != 0 {
+            let lag = crate::now_ms().saturating_sub(u64::from(header.timestamp()) * 1000);
+            self.metrics.binlog_lag_seconds.set(lag as f64 / 1000.0);
+        }
+        match raw_type {
+            MARIADB_GTID => {
+                let d = event.data();
+                if d.len() >= 13 {
+                    let seq = u64::from_le_bytes(d[0..8].try_into().unwrap_or_default());
+                    let domain = u32::from_le_bytes(d[8..12].try_into().unwrap_or_default());
+                    st.gtid = Some(format!("{domain}-{}-{seq}", header.server_id()));
+                    st.standalone = d[12] & MARIADB_FL_STANDALONE != 0;
+                }
+                return Ok(None);
+            }
+            MARIADB_ANNOTATE_ROWS | MARIADB_BINLOG_CHECKPOINT | MARIADB_GTID_LIST => return Ok(None),
+            _ => {}
+        }
+        let pos_err = |e: std::io::Error, table: &str| SourceError::Decode {
+            position: format!("{}:{}", st.file, header.log_pos()),
+            table: table.to_owned(),
+            error: e.to_string(),
+        };
+        let Some(data) = event.read_data().map_err(|e| pos_err(e, "-"))? else {
+            return Ok(None);
+        };
+        match data {
+            EventData::FormatDescriptionEvent(_) => st.seen_fde = true,
+            EventData::RotateEvent(r) => {
+                // Before the format description the name has the checksum glued on: ignore it.
+                if st.seen_fde {
+                    st.file = r.name().into_owned();
+                    debug!(file = %st.file, "Binlog rotated.");
+                }
+            }
+            EventData::TableMapEvent(tme) => {
+                let table_id = tme.table_id();
+                if !st.tables.contains_key(&table_id) {
+                    let db = tme.database_name();
+                    let name = tme.table_name();
+                    let rules: Vec<&Rule> = self
+                        .rules
+                        .iter()
+                        .filter(|r| r.database == db && r.table == name)
+                        .collect();
+                    let compiled = if rules.is_empty() {
+                        None
+                    } else {
+                        let qualified = format!("{db}.{name}");
+                        let columns = decode::column_names(&tme).ok_or_else(|| {
+                            SourceError::InvalidServerSetting {
+                                setting: "binlog_row_metadata",
+                                expected: "FULL",
+                                actual: format!("(no column names in the table map of {qualified})"),
+                            }
+                        })?;
+                        let t = TableRules::compile(&qualified, &rules, &columns);
+                        if !t.missing_columns.is_empty() {
+                            warn!(table = %qualified, missing = ?t.missing_columns, "Rules reference columns the table no longer has: their keys become cache flushes.");
+                        }
+                        Some(Arc::new(t))
+                    };
+                    st.tables.insert(table_id, compiled);
+                }
+            }
+            EventData::RowsEvent(rows) => {
+                let op = match &rows {
+                    RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => Op::Insert,
+                    RowsEventData::UpdateRowsEventV1(_)
+                    | RowsEventData::UpdateRowsEvent(_)
+                    | RowsEventData::PartialUpdateRowsEvent(_) => Op::Update,
+                    RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => Op::Delete,
+                };
+                let table_id = rows.table_id();
+                let Some(Some(rules)) = st.tables.get(&table_id).cloned() else {
+                    return Ok(None);
+                };
+                let Some(tme) = stream.get_tme(table_id) else {
+                    return Err(pos_err(
+                        std::io::Error::other("rows event without a table map"),
+                        &rules.table,
+                    ));
+                };
+                let ncols = tme.columns_count() as usize;
+                let counter = self
+                    .metrics
+                    .rows
+                    .get_or_create(&TableOpLabels { table: rules.table.to_string(), op: op.as_str() });
+                st.batcher.touch(&rules.table, op);
+                for row in rows.rows(tme) {
+                    let (before, after) = row.map_err(|e| pos_err(e, &rules.table))?;
+                    let change = RowChange {
+                        op,
+                        before: before.map(|r| decode::values(r, ncols)),
+                        after: after.map(|r| decode::values(r, ncols)),
+                    };
+                    rules.intents(&change, &mut st.intents);
+                    for intent in st.intents.drain(..) {
+                        st.batcher.add(intent);
+                    }
+                    counter.inc();
+                }
+            }
+            EventData::XidEvent(_) => return Ok(self.commit(st, header.log_pos(), header.timestamp())),
+            EventData::QueryEvent(q) => {
+                let query = q.query();
+                let trimmed = query.trim();
+                if trimmed.eq_ignore_ascii_case("BEGIN") {
+                    st.batcher.clear();
+                } else if trimmed.eq_ignore_ascii_case("COMMIT") {
+                    return Ok(self.commit(st, header.log_pos(), header.timestamp()));
+                } else if trimmed.eq_ignore_ascii_case("ROLLBACK") {
+                    st.batcher.clear();
+                } else {
+                    // DDL (or a statement on a non-transactional table): a boundary. Table ids
+                    // of altered tables change, so cached compilations are dropped too.
+                    debug!(query = %trimmed.chars().take(200).collect::<String>(), "DDL in binlog.");
+                    st.tables.clear();
+                    if st.standalone || st.batcher.is_empty() {
+                        return Ok(self.commit(st, header.log_pos(), header.timestamp()));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// A commit boundary: move the position, and emit the transaction's events if any.
+    fn commit(&self, st: &mut StreamState, log_pos: u32, timestamp: u32) -> Option<Batch> {
+        st.position = Position {
+            file: st.file.clone(),
+            pos: u64::from(log_pos),
+            gtid: st.gtid.take().or_else(|| st.position.gtid.clone()),
+            server_id: st.position.server_id,
+        };
+        st.standalone = false;
+        st.last_commit_ms = u64::from(timestamp) * 1000;
+        for _ in 0..st.batcher.take_escalations() {
+            self.metrics.cache_flushes.get_or_create(&ReasonLabel { reason: "too_many_keys" }).inc();
+        }
+        if st.batcher.is_empty() {
+            st.batcher.clear();
+            return None;
+        }
+        let commit = Commit {
+            server_id: st.position.server_id,
+            gtid: st.position.gtid.clone(),
+            file: st.position.file.clone(),
+            pos: st.position.pos,
+            committed_at: st.last_commit_ms,
+        };
+        let events = st.batcher.finish(&commit, crate::now_ms());
+        Some(Batch { position: st.position.clone(), events })
+    }
+}
+
+/// Check the server settings the producer depends on.
+pub async fn check_server(conn: &mut Conn) -> Result<ServerInfo, SourceError> {
+    let rows: Vec<(String, String)> = conn
+        .query(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('log_bin', 'binlog_format', \
+             'binlog_row_image', 'binlog_row_metadata', 'log_bin_compress', \
+             'binlog_transaction_compression', 'server_id', 'version')",
+        )
+        .await?;
+    let vars: HashMap<String, String> =
+        rows.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    let get = |k: &str| vars.get(k).cloned().unwrap_or_default();
+    let expect = |setting: &'static str, expected: &'static str| -> Result<(), SourceError> {
+        let actual = get(setting);
+        if actual.eq_ignore_ascii_case(expected) {
+            Ok(())
+        } else {
+            Err(SourceError::InvalidServerSetting { setting, expected, actual })
+        }
+    };
+    expect("log_bin", "ON")?;
+    expect("binlog_format", "ROW")?;
+    expect("binlog_row_image", "FULL")?;
+    expect("binlog_row_metadata", "FULL")?;
+    if vars.contains_key("log_bin_compress") {
+        expect("log_bin_compress", "OFF")?;
+    }
+    if vars.contains_key("binlog_transaction_compression") {
+        expect("binlog_transaction_compression", "OFF")?;
+    }
+    // The account must be able to read the binlog position (BINLOG MONITOR / REPLICATION CLIENT).
+    let server_id = get("server_id").parse().unwrap_or(0);
+    current_position(conn, server_id).await?;
+    let version = get("version");
+    Ok(ServerInfo { server_id, is_mariadb: version.to_ascii_lowercase().contains("mariadb"), version })
+}
+
+/// The server's current binlog position.
+pub async fn current_position(conn: &mut Conn, server_id: u32) -> Result<Position, SourceError> {
+    let row: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
+        Ok(r) => r,
+        // MySQL 8.4 removed SHOW MASTER STATUS.
+        Err(mysql_async::Error::Server(s)) if s.code == 1064 => {
+            conn.query_first("SHOW BINARY LOG STATUS").await?
+        }
+        Err(mysql_async::Error::Server(s)) if is_privilege_error(s.code) => {
+            return Err(SourceError::MissingPrivilege { msg: s.message });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(row) = row else {
+        return Err(SourceError::InvalidServerSetting {
+            setting: "log_bin",
+            expected: "ON",
+            actual: "(SHOW MASTER STATUS is empty)".into(),
+        });
+    };
+    let file: String = row.get(0).unwrap_or_default();
+    let pos: u64 = row.get(1).unwrap_or_default();
+    let gtid = gtid_position(conn).await;
+    Ok(Position { file, pos, gtid, server_id })
+}
+
+async fn gtid_position(conn: &mut Conn) -> Option<String> {
+    conn.query_first::<String, _>("SELECT @@gtid_binlog_pos").await.ok().flatten().filter(|s| !s.is_empty())
+}
+
+/// Validate every rule against the live schema: the table exists and has every column the rule
+/// reads. The message names the rule's table and the missing piece.
+pub async fn validate_rules(conn: &mut Conn, rules: &[Rule]) -> Result<(), SourceError> {
+    for rule in rules {
+        let columns: Vec<String> = conn
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+                (&rule.database, &rule.table),
+            )
+            .await?;
+        if columns.is_empty() {
+            return Err(SourceError::RuleDoesNotMatchSchema {
+                table: rule.qualified_table(),
+                msg: format!(
+                    "table does not exist, or the producer account cannot see it (GRANT SELECT ON `{}`.* TO the producer)",
+                    rule.database
+                ),
+            });
+        }
+        for col in rule.columns() {
+            if !columns.iter().any(|c| c.eq_ignore_ascii_case(col)) {
+                return Err(SourceError::RuleDoesNotMatchSchema {
+                    table: rule.qualified_table(),
+                    msg: format!(
+                        "column {col:?} does not exist; the table has: {}",
+                        columns.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
