@@ -1,1 +1,87 @@
-pub fn x(){}
+//! # Layout
+//!
+//! `rtinval-consumer` is the per-node agent: it applies invalidation events to this node's
+//! worker pools and caches. One module per pipeline stage, wired by [`run`]:
+//!
+//! ```text
+//! subscribe (Kafka, this node's group) → decode → plan (pure: event → actions)
+//!     → apply (pool: debounced reloads; redis: pipelined UNLINK) → offset stored → committed
+//! ```
+//!
+//! Plus [`config`] (TOML), [`error`] and [`metrics`] (Prometheus, probes).
+//!
+//! Guarantees:
+//! - **Commit after apply.** A message's offset is stored only when all its actions succeeded
+//!   (reloads and purges are retried until they do); on shutdown, unfinished actions leave their
+//!   offsets uncommitted, so the next start re-applies them. Actions are idempotent.
+//! - **Fail safe.** No committed offset at start, an undecodable message, or a `resync` event
+//!   reloads every pool and flushes every cache of this node, counted by reason.
+//! - **Coalesced reloads.** Reset requests for a pool within `debounce_ms` become one reload,
+//!   never later than `max_delay_ms` after the first.
+
+pub mod apply;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod plan;
+pub mod subscribe;
+
+use std::collections::BTreeMap;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::apply::Applier;
+use crate::apply::pool::{Debouncer, Timing};
+use crate::apply::redis::RedisCache;
+use crate::config::Config;
+use crate::error::{ConfigError, ConsumerError};
+use crate::metrics::Metrics;
+use crate::subscribe::Subscriber;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Connect to every cache and start every pool's debouncer.
+pub async fn applier(config: &Config, metrics: &Metrics, shutdown: &CancellationToken) -> Result<Applier, ConsumerError> {
+    let mut pools = BTreeMap::new();
+    for (name, p) in &config.pools {
+        let reload = apply::pool::reloader(name, p).map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
+        pools.insert(name.clone(), Debouncer::spawn(name, Timing::from_config(p), reload, metrics.clone(), shutdown.clone()));
+    }
+    let mut caches = BTreeMap::new();
+    for (name, c) in &config.caches {
+        caches.insert(name.clone(), RedisCache::connect(name, c).await?);
+    }
+    Ok(Applier { pools, caches, metrics: metrics.clone(), shutdown: shutdown.clone() })
+}
+
+/// Run the consumer until `shutdown` or a fatal error.
+pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    metrics.set_max_staleness(config.max_staleness());
+    // Actions get their own token: they are cancelled only after the loop stopped reading,
+    // so the action in progress at SIGTERM can finish and be committed.
+    let actions_shutdown = CancellationToken::new();
+    let applier = applier(&config, &metrics, &actions_shutdown).await?;
+    let consumer = subscribe::consumer(&config)?;
+    let http = if config.http.listen.is_empty() {
+        None
+    } else {
+        let listener_sd = CancellationToken::new();
+        let (listen, m, sd) = (config.http.listen.clone(), metrics.clone(), listener_sd.clone());
+        let handle = tokio::spawn(async move { metrics::serve(&listen, m, sd).await.map_err(|error| ConsumerError::Http { listen, error }) });
+        Some((handle, listener_sd))
+    };
+    info!(group = %config.group_id(), pools = config.pools.len(), caches = config.caches.len(), "Consumer running.");
+    let result = Subscriber::new(config, consumer, applier, metrics).run(shutdown).await;
+    actions_shutdown.cancel();
+    if let Some((handle, sd)) = http {
+        sd.cancel();
+        if let Ok(Err(e)) = handle.await {
+            return Err(e);
+        }
+    }
+    result
+}

@@ -1,0 +1,114 @@
+//! Redis purger: pipelined UNLINK of keys (chunks of 1,000 per command, one round trip per
+//! call); whole-cache flush by `SCAN MATCH prefix*` + UNLINK, or FLUSHDB when the cache owns
+//! its database. A missing key counts as purged.
+
+use redis::aio::ConnectionManager;
+
+use crate::config::{CacheConfig, FlushMode, redact_url};
+use crate::error::CacheError;
+
+const CHUNK: usize = 1000;
+
+/// One Redis-backed cache.
+#[derive(Clone)]
+pub struct RedisCache {
+    name: String,
+    url: String,
+    prefix: String,
+    flush: FlushMode,
+    conn: ConnectionManager,
+}
+
+impl RedisCache {
+    /// Connect (fails fast with a clear error when Redis is unreachable at start).
+    pub async fn connect(name: &str, config: &CacheConfig) -> Result<RedisCache, CacheError> {
+        let url = redact_url(&config.url);
+        let err = |e: redis::RedisError| CacheError { cache: name.to_owned(), url: url.clone(), error: e.to_string() };
+        let client = redis::Client::open(config.url.as_str()).map_err(err)?;
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(10), ConnectionManager::new(client))
+            .await
+            .map_err(|_| CacheError { cache: name.to_owned(), url: url.clone(), error: "connect timed out after 10 s".into() })?
+            .map_err(err)?;
+        Ok(RedisCache { name: name.to_owned(), url, prefix: config.prefix.clone(), flush: config.flush, conn })
+    }
+
+    fn err(&self, e: redis::RedisError) -> CacheError {
+        CacheError { cache: self.name.clone(), url: self.url.clone(), error: e.to_string() }
+    }
+
+    /// UNLINK `keys` (prefixed) in one pipelined round trip.
+    pub async fn purge(&self, keys: &[String]) -> Result<(), CacheError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for chunk in keys.chunks(CHUNK) {
+            let cmd = pipe.cmd("UNLINK");
+            for k in chunk {
+                if self.prefix.is_empty() {
+                    cmd.arg(k.as_str());
+                } else {
+                    cmd.arg(format!("{}{k}", self.prefix));
+                }
+            }
+            cmd.ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| self.err(e))
+    }
+
+    /// Delete every key of the cache.
+    pub async fn flush(&self) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        match self.flush {
+            FlushMode::Flushdb => {
+                redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut conn).await.map_err(|e| self.err(e))
+            }
+            FlushMode::Prefix => {
+                let pattern = format!("{}*", glob_escape(&self.prefix));
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(CHUNK)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    if !keys.is_empty() {
+                        redis::cmd("UNLINK").arg(keys).query_async::<()>(&mut conn).await.map_err(|e| self.err(e))?;
+                    }
+                    if next == 0 {
+                        return Ok(());
+                    }
+                    cursor = next;
+                }
+            }
+        }
+    }
+}
+
+/// Escape Redis glob metacharacters so a prefix matches literally.
+pub fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_escape;
+
+    #[test]
+    fn prefixes_match_literally() {
+        assert_eq!(glob_escape("rt:"), "rt:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}

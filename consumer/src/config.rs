@@ -1,0 +1,324 @@
+//! Consumer configuration (TOML). Every field is documented for operators; `validate()` checks
+//! cross-field rules before anything connects. `RTINVAL_REDIS_PASSWORD` overrides the password
+//! of every Redis cache URL.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// The whole consumer configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where events come from.
+    pub kafka: KafkaConfig,
+    /// Freshness bound for `/readyz`.
+    #[serde(default)]
+    pub node: NodeConfig,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Worker pools on this node, by the name rules use in `reset_pools`.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// Node-local caches, by the name rules use in `cache`.
+    #[serde(default)]
+    pub caches: BTreeMap<String, CacheConfig>,
+}
+
+/// Kafka connection, topics and consumer group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Same prefix as the producer's: topics `<prefix>.pool-reset` and `<prefix>.cache-keys`.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Consumer group of this node; every node needs its own (default:
+    /// `rtinval-consumer-<hostname>`), since every node must apply every event.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Extra librdkafka settings (e.g. `"security.protocol" = "ssl"`).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+/// Node-level settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `/readyz` fails when the newest heartbeat says the source view is older than this.
+    #[serde(default = "default_max_staleness_secs")]
+    pub max_staleness_secs: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { max_staleness_secs: default_max_staleness_secs() }
+    }
+}
+
+/// HTTP endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port` to listen on; empty disables the endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: default_listen() }
+    }
+}
+
+/// How a pool reloads, and how reload requests are coalesced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// `signal` (send `signal` to the PID in `pidfile`) or `command` (run `command`).
+    pub reload: ReloadKind,
+    /// For `signal`: file holding the PID of the pool's master process.
+    #[serde(default)]
+    pub pidfile: Option<String>,
+    /// For `signal`: signal name, e.g. `USR2` (PHP-FPM graceful reload) or `HUP`.
+    #[serde(default = "default_signal")]
+    pub signal: String,
+    /// For `command`: argv, e.g. `["systemctl", "reload", "php8.2-fpm"]`; exit 0 = success.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// For `command`: seconds before the command is killed and the reload counts as failed.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Requests within this many ms of each other coalesce into one reload.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+    /// A reload happens at most this many ms after the first request it covers.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// At least this many ms between the end of one reload and the start of the next.
+    #[serde(default)]
+    pub min_interval_ms: u64,
+}
+
+/// Pool reload mechanisms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadKind {
+    Signal,
+    Command,
+}
+
+/// A node-local cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Cache server kind: `redis`.
+    pub kind: CacheKind,
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Prepended to every key from events (the application's key prefix).
+    #[serde(default)]
+    pub prefix: String,
+    /// How to flush the whole cache: `prefix` (SCAN + UNLINK of `prefix*`) or `flushdb`
+    /// (only when the cache owns its Redis database).
+    #[serde(default = "default_flush")]
+    pub flush: FlushMode,
+}
+
+/// Cache kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheKind {
+    Redis,
+}
+
+/// Whole-cache flush strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlushMode {
+    Prefix,
+    Flushdb,
+}
+
+fn default_topic_prefix() -> String {
+    "rtinval".to_owned()
+}
+fn default_max_staleness_secs() -> u64 {
+    30
+}
+fn default_listen() -> String {
+    "127.0.0.1:9465".to_owned()
+}
+fn default_signal() -> String {
+    "USR2".to_owned()
+}
+fn default_timeout_secs() -> u64 {
+    30
+}
+fn default_debounce_ms() -> u64 {
+    200
+}
+fn default_max_delay_ms() -> u64 {
+    2000
+}
+fn default_flush() -> FlushMode {
+    FlushMode::Prefix
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), error: e })?;
+        let mut config = Config::parse(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), error: e })?;
+        if let Ok(password) = std::env::var("RTINVAL_REDIS_PASSWORD") {
+            for cache in config.caches.values_mut() {
+                cache.url = with_redis_password(&cache.url, &password);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse TOML text (no validation).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Cross-field checks that need no server.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers is empty".into());
+        }
+        for (name, p) in &self.pools {
+            match p.reload {
+                ReloadKind::Signal => {
+                    if p.pidfile.as_deref().unwrap_or("").is_empty() {
+                        return invalid(format!("pools.{name}: reload = \"signal\" needs pidfile"));
+                    }
+                    parse_signal(&p.signal).map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
+                }
+                ReloadKind::Command => {
+                    if p.command.is_empty() {
+                        return invalid(format!("pools.{name}: reload = \"command\" needs command = [argv...]"));
+                    }
+                }
+            }
+            if p.max_delay_ms < p.debounce_ms {
+                return invalid(format!(
+                    "pools.{name}: max_delay_ms ({}) must be at least debounce_ms ({})",
+                    p.max_delay_ms, p.debounce_ms
+                ));
+            }
+        }
+        for (name, c) in &self.caches {
+            if redis::Client::open(c.url.as_str()).is_err() {
+                return invalid(format!("caches.{name}: url {:?} is not a redis:// URL", redact_url(&c.url)));
+            }
+            if c.flush == FlushMode::Prefix && c.prefix.is_empty() {
+                tracing::warn!(cache = %name, "flush = \"prefix\" with an empty prefix flushes every key of the database by SCAN; set a prefix or flush = \"flushdb\".");
+            }
+        }
+        if self.pools.is_empty() && self.caches.is_empty() {
+            return invalid("no pools and no caches: this node would apply nothing".into());
+        }
+        Ok(())
+    }
+
+    /// The consumer group: configured, or derived from the host name.
+    pub fn group_id(&self) -> String {
+        self.kafka.group_id.clone().unwrap_or_else(|| {
+            let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
+            format!("rtinval-consumer-{host}")
+        })
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        Duration::from_secs(self.node.max_staleness_secs)
+    }
+}
+
+/// `USR2`, `SIGUSR2`, `hup` → a signal.
+pub fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    full.parse().map_err(|_| format!("unknown signal {name:?} (use e.g. USR2, HUP, TERM)"))
+}
+
+fn with_redis_password(url: &str, password: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            format!("{scheme}://:{password}@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Replace the password of a `scheme://user:password@host` URL by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[kafka]\nbrokers = \"b:1\"\n";
+
+    fn check(text: &str) -> Result<Config, String> {
+        let c = Config::parse(text)?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn pools_and_caches() {
+        let c = check(&format!(
+            "{BASE}[pools.rtapi]\nreload = \"signal\"\npidfile = \"/run/x.pid\"\n[caches.rt]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nprefix = \"rt:\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.pools["rtapi"].signal, "USR2");
+        assert_eq!(c.caches["rt"].flush, FlushMode::Prefix);
+        assert!(c.group_id().starts_with("rtinval-consumer-"));
+    }
+
+    #[test]
+    fn clear_errors() {
+        let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\n")).unwrap_err();
+        assert!(e.contains("needs pidfile"), "{e}");
+        let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\npidfile = \"x\"\nsignal = \"NOPE\"\n")).unwrap_err();
+        assert!(e.contains("unknown signal"), "{e}");
+        let e = check(&format!("{BASE}[pools.p]\nreload = \"command\"\n")).unwrap_err();
+        assert!(e.contains("needs command"), "{e}");
+        let e = check(&format!("{BASE}[pools.p]\nreload = \"restart\"\n")).unwrap_err();
+        assert!(e.contains("restart"), "{e}");
+        let e = check(BASE).unwrap_err();
+        assert!(e.contains("apply nothing"), "{e}");
+        let e = check(&format!("{BASE}[caches.c]\nkind = \"redis\"\nurl = \"http://x\"\n")).unwrap_err();
+        assert!(e.contains("redis://"), "{e}");
+    }
+
+    #[test]
+    fn signals_and_passwords() {
+        assert_eq!(parse_signal("usr2").unwrap(), nix::sys::signal::Signal::SIGUSR2);
+        assert_eq!(parse_signal("SIGHUP").unwrap(), nix::sys::signal::Signal::SIGHUP);
+        assert_eq!(with_redis_password("redis://:old@h:1/2", "new"), "redis://:new@h:1/2");
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
+    }
+}

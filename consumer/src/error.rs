@@ -1,0 +1,47 @@
+//! Errors at the consumer's module boundaries.
+
+use thiserror::Error;
+
+/// The configuration file cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("config {path} is not valid: {error}")]
+    Parse { path: String, error: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// A pool reload failed (retried with backoff by the debouncer).
+#[derive(Debug, Error)]
+pub enum ReloadError {
+    #[error("pool {pool}: cannot read pidfile {path}: {error}")]
+    Pidfile { pool: String, path: String, error: String },
+    #[error("pool {pool}: cannot send {signal} to pid {pid}: {error}")]
+    Signal { pool: String, signal: String, pid: i32, error: String },
+    #[error("pool {pool}: reload command {command:?} failed: {error}")]
+    Command { pool: String, command: String, error: String },
+}
+
+/// A cache could not be reached or refused a command (retried with backoff).
+#[derive(Debug, Error)]
+#[error("cache {cache} ({url}): {error}")]
+pub struct CacheError {
+    pub cache: String,
+    pub url: String,
+    pub error: String,
+}
+
+/// Why the consumer stopped.
+#[derive(Debug, Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("Kafka ({brokers}): {error}")]
+    Kafka { brokers: String, error: String },
+    #[error("HTTP endpoint {listen}: {error}")]
+    Http { listen: String, error: std::io::Error },
+}
