@@ -9,6 +9,7 @@ use std::sync::Arc;
 use mysql_async::binlog::events::{OptionalMetadataField, TableMapEvent};
 use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::value::BinlogValue;
+use mysql_async::consts::ColumnType;
 use rtinval_schemas::Op;
 
 /// One column value, as rules see it.
@@ -64,34 +65,84 @@ pub struct RowChange {
     pub after: Option<Vec<Value>>,
 }
 
-/// Column names from a TABLE_MAP event, or `None` when the server did not send them
-/// (`binlog_row_metadata` is not FULL).
-pub fn column_names(tme: &TableMapEvent<'_>) -> Option<Arc<[String]>> {
-    for field in tme.iter_optional_meta() {
-        if let Ok(OptionalMetadataField::ColumnName(names)) = field {
-            let names: Result<Vec<String>, _> =
-                names.iter_names().map(|n| n.map(|n| n.name().into_owned())).collect();
-            return names.ok().map(Into::into);
-        }
-    }
-    None
+/// What decoding needs to know about a table, from its TABLE_MAP event.
+#[derive(Debug, Clone)]
+pub struct TableShape {
+    /// Column names in table order.
+    pub names: Arc<[String]>,
+    /// For ENUM columns, the value names (the binlog carries 1-based indexes).
+    enums: Vec<Option<Arc<[String]>>>,
 }
 
-/// Values of one binlog row image, index-aligned with the table's columns.
-pub fn values(row: BinlogRow, columns: usize) -> Vec<Value> {
-    let len = row.len();
-    let mut out = Vec::with_capacity(columns.max(len));
-    let mut row = row;
-    for i in 0..len {
-        out.push(match row.take(i) {
-            None => Value::Absent,
-            Some(v) => value(v),
-        });
+impl TableShape {
+    /// Read names and ENUM values from the optional metadata; `None` when the server did not
+    /// send column names (`binlog_row_metadata` is not FULL).
+    pub fn from_table_map(tme: &TableMapEvent<'_>) -> Option<TableShape> {
+        let mut names: Option<Vec<String>> = None;
+        let mut enum_values: Vec<Arc<[String]>> = Vec::new();
+        for field in tme.iter_optional_meta() {
+            match field {
+                Ok(OptionalMetadataField::ColumnName(n)) => {
+                    names = n.iter_names().map(|n| n.map(|n| n.name().into_owned())).collect::<Result<_, _>>().ok();
+                }
+                Ok(OptionalMetadataField::EnumStrValue(e)) => {
+                    for values in e.iter_values().flatten() {
+                        enum_values.push(values.values().iter().map(|v| v.value().into_owned()).collect());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let names = names?;
+        let mut next_enum = enum_values.into_iter();
+        let enums = (0..names.len())
+            .map(|i| match tme.get_column_type(i) {
+                Ok(Some(ColumnType::MYSQL_TYPE_ENUM)) => next_enum.next(),
+                _ => None,
+            })
+            .collect();
+        Some(TableShape { names: names.into(), enums })
     }
-    while out.len() < columns {
-        out.push(Value::Absent);
+
+    /// Values of one binlog row image, index-aligned with the table's columns.
+    pub fn values(&self, row: BinlogRow) -> Vec<Value> {
+        let columns = self.names.len();
+        let len = row.len();
+        let mut out = Vec::with_capacity(columns.max(len));
+        let mut row = row;
+        for i in 0..len {
+            let v = match row.take(i) {
+                None => Value::Absent,
+                Some(v) => value(v),
+            };
+            out.push(match (v, self.enums.get(i)) {
+                (Value::Int(idx), Some(Some(names))) => enum_name(names, idx),
+                (v, _) => v,
+            });
+        }
+        while out.len() < columns {
+            out.push(Value::Absent);
+        }
+        out
     }
-    out
+}
+
+#[cfg(test)]
+impl TableShape {
+    /// A shape with these column names and no ENUM columns.
+    pub fn for_tests(names: Vec<String>) -> TableShape {
+        let enums = vec![None; names.len()];
+        TableShape { names: names.into(), enums }
+    }
+}
+
+/// ENUM index → name, as the server would print it (index 0 is the empty error value).
+fn enum_name(names: &[String], idx: i64) -> Value {
+    match usize::try_from(idx) {
+        Ok(0) => Value::Bytes(Vec::new()),
+        Ok(i) => names.get(i - 1).map_or(Value::Int(idx), |n| Value::Bytes(n.clone().into_bytes())),
+        Err(_) => Value::Int(idx),
+    }
 }
 
 fn value(v: BinlogValue<'_>) -> Value {
@@ -143,6 +194,14 @@ mod tests {
         assert_eq!(rendered(Value::Bytes(vec![0xfe, 0x80, 0, 1])).as_deref(), Some("fe800001"));
         assert_eq!(rendered(Value::Null), None);
         assert_eq!(rendered(Value::Absent), None);
+    }
+
+    #[test]
+    fn enum_indexes_become_names() {
+        let names: Vec<String> = vec!["object".into(), "rack".into()];
+        assert_eq!(enum_name(&names, 2), Value::Bytes(b"rack".to_vec()));
+        assert_eq!(enum_name(&names, 0), Value::Bytes(Vec::new()));
+        assert_eq!(enum_name(&names, 9), Value::Int(9));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rtinval_schemas::Op;
 
 use crate::config::Rule;
-use crate::decode::{RowChange, Value};
+use crate::decode::{RowChange, TableShape, Value};
 
 /// A parsed key template such as `object:{id}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +96,8 @@ pub enum Intent {
 pub struct TableRules {
     /// `database.table`.
     pub table: Arc<str>,
+    /// Column names and ENUM values of the table map the rules were compiled against.
+    pub shape: TableShape,
     rules: Vec<CompiledRule>,
     /// Columns rules reference that the table does not have (reported once per compile).
     pub missing_columns: Vec<String>,
@@ -152,7 +154,8 @@ impl CompiledTemplate {
 
 impl TableRules {
     /// Compile `rules` (all for this table) against the table's current column names.
-    pub fn compile(table: &str, rules: &[&Rule], columns: &[String]) -> TableRules {
+    pub fn compile(table: &str, rules: &[&Rule], shape: TableShape) -> TableRules {
+        let columns = shape.names.clone();
         let mut missing = BTreeSet::new();
         let mut index = |name: &str| {
             let i = columns.iter().position(|c| c.eq_ignore_ascii_case(name));
@@ -187,7 +190,7 @@ impl TableRules {
                     .collect(),
             })
             .collect();
-        TableRules { table: Arc::from(table), rules: compiled, missing_columns: missing.into_iter().collect() }
+        TableRules { table: Arc::from(table), shape, rules: compiled, missing_columns: missing.into_iter().collect() }
     }
 
     /// The intents of one row change, appended to `out`.
@@ -252,8 +255,8 @@ mod tests {
         c.rules().unwrap().remove(0)
     }
 
-    fn cols(names: &[&str]) -> Vec<String> {
-        names.iter().map(|s| s.to_string()).collect()
+    fn cols(names: &[&str]) -> TableShape {
+        TableShape::for_tests(names.iter().map(|s| s.to_string()).collect())
     }
 
     fn obj(id: i64, name: Option<&str>, label: &str) -> Vec<Value> {
@@ -273,7 +276,7 @@ mod tests {
         let r = rule(
             "table = \"Object\"\nreset_pools = [\"rtapi\"]\ncache = \"rt\"\nkeys = [\"object:{id}\", \"object_name:{name}\"]",
         );
-        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        let t = TableRules::compile("rt.Object", &[&r], cols(&["id", "name", "label"]));
         let change = RowChange {
             op: Op::Update,
             before: Some(obj(42, Some("old"), "l")),
@@ -295,7 +298,7 @@ mod tests {
     #[test]
     fn when_changed_filters_updates_only() {
         let r = rule("table = \"Object\"\nwhen_changed = [\"name\"]\nreset_pools = [\"p\"]");
-        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        let t = TableRules::compile("rt.Object", &[&r], cols(&["id", "name", "label"]));
         let label_only = RowChange {
             op: Op::Update,
             before: Some(obj(1, Some("a"), "x")),
@@ -311,7 +314,7 @@ mod tests {
     #[test]
     fn ops_filter_and_null_values() {
         let r = rule("table = \"Object\"\nops = [\"delete\"]\ncache = \"rt\"\nkeys = [\"n:{name}\"]");
-        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        let t = TableRules::compile("rt.Object", &[&r], cols(&["id", "name", "label"]));
         let insert = RowChange { op: Op::Insert, before: None, after: Some(obj(1, Some("a"), "x")) };
         assert!(intents(&t, &insert).is_empty());
         let delete_unnamed =
@@ -322,7 +325,7 @@ mod tests {
     #[test]
     fn a_missing_column_flushes_the_cache_and_is_reported() {
         let r = rule("table = \"Object\"\nreset_pools = [\"p\"]\ncache = \"rt\"\nkeys = [\"object:{id}\", \"asset:{asset_no}\"]");
-        let t = TableRules::compile("rt.Object", &[&r], &cols(&["id", "name", "label"]));
+        let t = TableRules::compile("rt.Object", &[&r], cols(&["id", "name", "label"]));
         assert_eq!(t.missing_columns, vec!["asset_no".to_string()]);
         let del = RowChange { op: Op::Delete, before: Some(obj(7, Some("a"), "x")), after: None };
         assert_eq!(

@@ -370,14 +370,14 @@ impl BinlogSource {
                         None
                     } else {
                         let qualified = format!("{db}.{name}");
-                        let columns = decode::column_names(&tme).ok_or_else(|| {
+                        let shape = decode::TableShape::from_table_map(&tme).ok_or_else(|| {
                             SourceError::InvalidServerSetting {
                                 setting: "binlog_row_metadata",
                                 expected: "FULL",
                                 actual: format!("(no column names in the table map of {qualified})"),
                             }
                         })?;
-                        let t = TableRules::compile(&qualified, &rules, &columns);
+                        let t = TableRules::compile(&qualified, &rules, shape);
                         if !t.missing_columns.is_empty() {
                             warn!(table = %qualified, missing = ?t.missing_columns, "Rules reference columns the table no longer has: their keys become cache flushes.");
                         }
@@ -404,7 +404,6 @@ impl BinlogSource {
                         &rules.table,
                     ));
                 };
-                let ncols = tme.columns_count() as usize;
                 let counter = self
                     .metrics
                     .rows
@@ -414,8 +413,8 @@ impl BinlogSource {
                     let (before, after) = row.map_err(|e| pos_err(e, &rules.table))?;
                     let change = RowChange {
                         op,
-                        before: before.map(|r| decode::values(r, ncols)),
-                        after: after.map(|r| decode::values(r, ncols)),
+                        before: before.map(|r| rules.shape.values(r)),
+                        after: after.map(|r| rules.shape.values(r)),
                     };
                     rules.intents(&change, &mut st.intents);
                     for intent in st.intents.drain(..) {

@@ -1,1 +1,286 @@
-pub fn x(){}
+//! # Layout
+//!
+//! Harness for rtinval's end-to-end tests against the real local stack (`scripts/stack up`):
+//! MariaDB with binlog on, the tansu broker, Redis and memcached, all over loopback.
+//!
+//! Guarantees for tests built on it:
+//! - **Isolation.** Each test gets its own database (`rtt_<test>_<unique>`), topic prefix and
+//!   consumer group ([`unique`]), so tests run in parallel and rerun cleanly on a dirty stack.
+//! - **Real processes.** The binaries under test run as child processes ([`Proc`]); their logs
+//!   are printed when a test fails.
+//! - **One source of truth.** Connection settings come from `scripts/stack env` (environment
+//!   variables of the same names override).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+
+/// Connection settings of the local stack.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub mysql_url: String,
+    pub mysql_admin_url: String,
+    pub brokers: String,
+    pub redis_url: String,
+    pub memcached: String,
+}
+
+/// The workspace root (where `scripts/` lives).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+impl Stack {
+    /// Settings from `scripts/stack env`, overridden by the environment.
+    pub fn get() -> &'static Stack {
+        static STACK: OnceLock<Stack> = OnceLock::new();
+        STACK.get_or_init(|| {
+            let out = Command::new(workspace_root().join("scripts/stack"))
+                .arg("env")
+                .output()
+                .expect("scripts/stack env runs");
+            let mut vars: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix("export "))
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+                .collect();
+            for (k, v) in vars.iter_mut() {
+                if let Ok(e) = std::env::var(k) {
+                    *v = e;
+                }
+            }
+            let get = |k: &str| vars.get(k).cloned().unwrap_or_else(|| panic!("scripts/stack env does not set {k}"));
+            Stack {
+                mysql_url: get("RTINVAL_MYSQL_URL"),
+                mysql_admin_url: get("RTINVAL_MYSQL_ADMIN_URL"),
+                brokers: get("RTINVAL_KAFKA_BROKERS"),
+                redis_url: get("RTINVAL_REDIS_URL"),
+                memcached: get("RTINVAL_MEMCACHED"),
+            }
+        })
+    }
+}
+
+/// A name unique to this test run: `<base>_<pid>_<n>_<millis>` (lowercase, `[a-z0-9_]`).
+pub fn unique(base: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() % 100_000_000);
+    format!("{base}_{}_{n}_{ms}", std::process::id()).to_ascii_lowercase()
+}
+
+/// Path of a workspace binary built next to this test binary (`cargo build --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins, or scripts/test)",
+        path.display()
+    );
+    path
+}
+
+/// A database of its own for one test, created from a schema file.
+pub struct TestDb {
+    pub name: String,
+    pub pool: mysql_async::Pool,
+}
+
+impl TestDb {
+    /// Create `rtt_<base>_<unique>` and run `schema_sql` (statements separated by `;`).
+    pub async fn create(base: &str, schema_sql: &str) -> TestDb {
+        let stack = Stack::get();
+        let name = format!("rtt_{}", unique(base));
+        let admin = mysql_async::Pool::new(stack.mysql_admin_url.as_str());
+        let mut conn = admin.get_conn().await.unwrap_or_else(|e| {
+            panic!("cannot connect to MariaDB at {}: {e}; is the stack up? (scripts/stack up)", stack.mysql_admin_url)
+        });
+        conn.query_drop(format!("CREATE DATABASE `{name}`")).await.expect("create database");
+        conn.query_drop(format!("USE `{name}`")).await.expect("use");
+        for stmt in split_sql(schema_sql) {
+            conn.query_drop(stmt).await.unwrap_or_else(|e| panic!("schema statement failed: {e}\n{stmt}"));
+        }
+        drop(conn);
+        admin.disconnect().await.ok();
+        let url = format!("{}/{name}", stack.mysql_admin_url);
+        TestDb { name, pool: mysql_async::Pool::new(url.as_str()) }
+    }
+
+    /// Run SQL statements (separated by `;`) in one session.
+    pub async fn exec(&self, sql: &str) {
+        let mut conn = self.pool.get_conn().await.expect("connection");
+        for stmt in split_sql(sql) {
+            conn.query_drop(stmt).await.unwrap_or_else(|e| panic!("statement failed: {e}\n{stmt}"));
+        }
+    }
+}
+
+/// Split a script into statements on `;` at line ends (enough for the fixtures).
+pub fn split_sql(sql: &str) -> Vec<&str> {
+    sql.split(";\n")
+        .map(str::trim)
+        .map(|s| s.trim_end_matches(';'))
+        .filter(|s| !s.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with("--")))
+        .collect()
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped; prints the tail of
+/// its log if the test is failing.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let err = file.try_clone().expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { name: name.to_owned(), child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Exit status if it exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM and wait up to `timeout` for exit; returns the status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_exit() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() && self.terminate(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("----- last lines of {} ({}) -----", self.name, self.log.display());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The stand-in worker pool (`tests/fixtures/stand-in-pool.sh`): counts USR2 reloads.
+pub struct StandInPool {
+    pub proc: Proc,
+    pub pidfile: PathBuf,
+    pub reload_log: PathBuf,
+}
+
+impl StandInPool {
+    pub fn start(dir: &Path, name: &str) -> StandInPool {
+        let pidfile = dir.join(format!("{name}.pid"));
+        let reload_log = dir.join(format!("{name}.reloads"));
+        let script = workspace_root().join("tests/fixtures/stand-in-pool.sh");
+        let proc = Proc::spawn(
+            name,
+            Command::new("bash").arg(script).arg(&reload_log).arg(&pidfile),
+            dir.join(format!("{name}.log")),
+        );
+        wait_sync("stand-in pool pidfile", Duration::from_secs(10), || {
+            std::fs::read_to_string(&pidfile).ok().filter(|s| !s.trim().is_empty())
+        });
+        StandInPool { proc, pidfile, reload_log }
+    }
+
+    /// Reloads recorded so far.
+    pub fn reloads(&self) -> usize {
+        std::fs::read_to_string(&self.reload_log).map_or(0, |s| s.lines().count())
+    }
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes (then panic naming `what`).
+pub fn wait_sync<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Async variant of [`wait_sync`].
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Minimal HTTP GET on loopback: (status, body), or `None` when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A Redis connection to the stack's Redis.
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    let url = &Stack::get().redis_url;
+    redis::Client::open(url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}; is the stack up? (scripts/stack up)"))
+}

@@ -1,0 +1,136 @@
+//! Proves the whole path on the real local stack, with both binaries as processes: a RackTables
+//! write in MariaDB reaches the node through the binlog, the producer, the tansu broker and the
+//! consumer, which purges exactly the affected Redis keys and reloads the (stand-in) worker
+//! pool — once per transaction, however many rows it changed.
+//!
+//! Needs `scripts/stack up` and the binaries built (`scripts/test` does both). Run alone:
+//! `cargo test -p rtinval-tests --test walking_skeleton`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use rtinval_tests::{Proc, StandInPool, Stack, TestDb, bin, free_port, http_get, redis, unique, wait_for, wait_sync};
+
+const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
+const RULES: &str = include_str!("../fixtures/racktables/rules.toml");
+
+/// A producer server id unique among concurrently running tests (the source drops a replica
+/// connection when another registers with the same id).
+fn server_id() -> u32 {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    1_000_000 + (std::process::id() % 100_000) * 10 + N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn producer_config(db: &str, prefix: &str) -> String {
+    let s = Stack::get();
+    format!(
+        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\n\
+         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\n\n[http]\nlisten = \"\"\n\n{RULES}",
+        s.mysql_url,
+        server_id(),
+        s.brokers
+    )
+}
+
+fn consumer_config(prefix: &str, http: &str, pidfile: &Path) -> String {
+    let s = Stack::get();
+    format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node1\"\n\n[http]\nlisten = \"{http}\"\n\n\
+         [pools.rtapi]\nreload = \"signal\"\npidfile = \"{}\"\nsignal = \"USR2\"\ndebounce_ms = 100\nmax_delay_ms = 1000\n\n\
+         [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:\"\nflush = \"prefix\"\n",
+        s.brokers,
+        pidfile.display(),
+        s.redis_url
+    )
+}
+
+async fn exists(r: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+    r.exists(key).await.expect("EXISTS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create("skeleton", SCHEMA).await;
+    let values: Vec<String> = (1..=600).map(|i| format!("('srv-{i}', 'label {i}')")).collect();
+    db.exec(&format!("INSERT INTO Object (name, label) VALUES {}", values.join(", "))).await;
+
+    let prefix = unique("skel");
+    let pool = StandInPool::start(dir.path(), "rtapi");
+    let http = format!("127.0.0.1:{}", free_port());
+    std::fs::write(dir.path().join("producer.toml"), producer_config(&db.name, &prefix)).unwrap();
+    std::fs::write(dir.path().join("consumer.toml"), consumer_config(&prefix, &http, &pool.pidfile)).unwrap();
+
+    let mut producer = Proc::spawn(
+        "rtinval-producer",
+        Command::new(bin("rtinval-producer")).arg("--config").arg(dir.path().join("producer.toml")),
+        dir.path().join("producer.log"),
+    );
+    let mut consumer = Proc::spawn(
+        "rtinval-consumer",
+        Command::new(bin("rtinval-consumer")).arg("--config").arg(dir.path().join("consumer.toml")).arg("run"),
+        dir.path().join("consumer.log"),
+    );
+    // Ready = consuming (after its initial resync, since the group is new) and heartbeats flow.
+    wait_sync("consumer /readyz", Duration::from_secs(60), || {
+        assert!(producer.try_exit().is_none(), "producer exited:\n{}", producer.log_text());
+        assert!(consumer.try_exit().is_none(), "consumer exited:\n{}", consumer.log_text());
+        http_get(&http, "/readyz").filter(|(s, _)| *s == 200)
+    });
+    assert!(consumer.log_text().contains("no_committed_offset"), "a new node resyncs first");
+    let base = wait_sync("the initial resync reload", Duration::from_secs(10), || {
+        let n = pool.reloads();
+        (n >= 1).then_some(n)
+    });
+
+    // Seed the node's cache.
+    let mut r = redis().await;
+    let k = |s: &str| format!("{prefix}:{s}");
+    let mut seeded = vec![k("object:1"), k("object_name:srv-1"), k("object:2"), k("object_name:srv-2"), k("rack:9")];
+    seeded.extend((3..=502).map(|i| k(&format!("object:{i}"))));
+    for key in &seeded {
+        let _: () = r.set(key, "cached").await.unwrap();
+    }
+
+    // 1. Renaming object 1 purges its id key and its old name key, nothing else.
+    db.exec("UPDATE Object SET name = 'srv-1-renamed' WHERE id = 1").await;
+    wait_for("object:1 and object_name:srv-1 purged", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let (a, b) = (k("object:1"), k("object_name:srv-1"));
+        async move { (!exists(&mut r, &a).await && !exists(&mut r, &b).await).then_some(()) }
+    })
+    .await;
+    for untouched in [k("object:2"), k("object_name:srv-2"), k("rack:9")] {
+        assert!(exists(&mut r, &untouched).await, "{untouched} must not be purged");
+    }
+    // The Object rule also resets the pool.
+    wait_sync("reload after the Object update", Duration::from_secs(10), || (pool.reloads() == base + 1).then_some(()));
+
+    // 2. A TagTree insert reloads the pool once.
+    db.exec("INSERT INTO TagTree (tag) VALUES ('production')").await;
+    wait_sync("reload after the TagTree insert", Duration::from_secs(20), || (pool.reloads() == base + 2).then_some(()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pool.reloads(), base + 2, "one TagTree insert, one reload");
+
+    // 3. One transaction of 500 Object updates: one reload, and all 500 keys purged.
+    db.exec("START TRANSACTION;\nUPDATE Object SET label = CONCAT(label, ' (moved)') WHERE id BETWEEN 3 AND 502;\nCOMMIT").await;
+    wait_for("500 object keys purged", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let keys: Vec<String> = (3..=502).map(|i| k(&format!("object:{i}"))).collect();
+        async move {
+            let n: usize = r.exists(&keys).await.expect("EXISTS");
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    wait_sync("reload after the 500-row transaction", Duration::from_secs(20), || (pool.reloads() >= base + 3).then_some(()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pool.reloads(), base + 3, "a 500-row transaction must cause one reload, not 500");
+    assert!(exists(&mut r, &k("rack:9")).await, "unrelated key survives everything");
+
+    // Both stop cleanly on SIGTERM.
+    assert_eq!(consumer.terminate(Duration::from_secs(15)).and_then(|s| s.code()), Some(0), "consumer exit");
+    assert_eq!(producer.terminate(Duration::from_secs(15)).and_then(|s| s.code()), Some(0), "producer exit");
+}
