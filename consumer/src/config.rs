@@ -59,7 +59,9 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { max_staleness_secs: default_max_staleness_secs() }
+        NodeConfig {
+            max_staleness_secs: default_max_staleness_secs(),
+        }
     }
 }
 
@@ -74,7 +76,9 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_listen() }
+        HttpConfig {
+            listen: default_listen(),
+        }
     }
 }
 
@@ -175,10 +179,14 @@ fn default_flush() -> FlushMode {
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.display().to_string(), error: e })?;
-        let mut config = Config::parse(&text)
-            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), error: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            error: e,
+        })?;
+        let mut config = Config::parse(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            error: e,
+        })?;
         if let Ok(password) = std::env::var("RTINVAL_REDIS_PASSWORD") {
             for cache in config.caches.values_mut() {
                 cache.url = with_redis_password(&cache.url, &password);
@@ -205,11 +213,14 @@ impl Config {
                     if p.pidfile.as_deref().unwrap_or("").is_empty() {
                         return invalid(format!("pools.{name}: reload = \"signal\" needs pidfile"));
                     }
-                    parse_signal(&p.signal).map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
+                    parse_signal(&p.signal)
+                        .map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
                 }
                 ReloadKind::Command => {
                     if p.command.is_empty() {
-                        return invalid(format!("pools.{name}: reload = \"command\" needs command = [argv...]"));
+                        return invalid(format!(
+                            "pools.{name}: reload = \"command\" needs command = [argv...]"
+                        ));
                     }
                 }
             }
@@ -222,7 +233,10 @@ impl Config {
         }
         for (name, c) in &self.caches {
             if redis::Client::open(c.url.as_str()).is_err() {
-                return invalid(format!("caches.{name}: url {:?} is not a redis:// URL", redact_url(&c.url)));
+                return invalid(format!(
+                    "caches.{name}: url {:?} is not a redis:// URL",
+                    redact_url(&c.url)
+                ));
             }
             if c.flush == FlushMode::Prefix && c.prefix.is_empty() {
                 tracing::warn!(cache = %name, "flush = \"prefix\" with an empty prefix flushes every key of the database by SCAN; set a prefix or flush = \"flushdb\".");
@@ -237,7 +251,9 @@ impl Config {
     /// The consumer group: configured, or derived from the host name.
     pub fn group_id(&self) -> String {
         self.kafka.group_id.clone().unwrap_or_else(|| {
-            let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
+            let host = hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "unknown".into());
             format!("rtinval-consumer-{host}")
         })
     }
@@ -250,8 +266,13 @@ impl Config {
 /// `USR2`, `SIGUSR2`, `hup` → a signal.
 pub fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
     let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    full.parse().map_err(|_| format!("unknown signal {name:?} (use e.g. USR2, HUP, TERM)"))
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse()
+        .map_err(|_| format!("unknown signal {name:?} (use e.g. USR2, HUP, TERM)"))
 }
 
 fn with_redis_password(url: &str, password: &str) -> String {
@@ -302,7 +323,10 @@ mod tests {
     fn clear_errors() {
         let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\n")).unwrap_err();
         assert!(e.contains("needs pidfile"), "{e}");
-        let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\npidfile = \"x\"\nsignal = \"NOPE\"\n")).unwrap_err();
+        let e = check(&format!(
+            "{BASE}[pools.p]\nreload = \"signal\"\npidfile = \"x\"\nsignal = \"NOPE\"\n"
+        ))
+        .unwrap_err();
         assert!(e.contains("unknown signal"), "{e}");
         let e = check(&format!("{BASE}[pools.p]\nreload = \"command\"\n")).unwrap_err();
         assert!(e.contains("needs command"), "{e}");
@@ -310,15 +334,27 @@ mod tests {
         assert!(e.contains("restart"), "{e}");
         let e = check(BASE).unwrap_err();
         assert!(e.contains("apply nothing"), "{e}");
-        let e = check(&format!("{BASE}[caches.c]\nkind = \"redis\"\nurl = \"http://x\"\n")).unwrap_err();
+        let e = check(&format!(
+            "{BASE}[caches.c]\nkind = \"redis\"\nurl = \"http://x\"\n"
+        ))
+        .unwrap_err();
         assert!(e.contains("redis://"), "{e}");
     }
 
     #[test]
     fn signals_and_passwords() {
-        assert_eq!(parse_signal("usr2").unwrap(), nix::sys::signal::Signal::SIGUSR2);
-        assert_eq!(parse_signal("SIGHUP").unwrap(), nix::sys::signal::Signal::SIGHUP);
-        assert_eq!(with_redis_password("redis://:old@h:1/2", "new"), "redis://:new@h:1/2");
+        assert_eq!(
+            parse_signal("usr2").unwrap(),
+            nix::sys::signal::Signal::SIGUSR2
+        );
+        assert_eq!(
+            parse_signal("SIGHUP").unwrap(),
+            nix::sys::signal::Signal::SIGHUP
+        );
+        assert_eq!(
+            with_redis_password("redis://:old@h:1/2", "new"),
+            "redis://:new@h:1/2"
+        );
         assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
     }
 }

@@ -20,10 +20,22 @@ use tracing::{error, info, warn};
 #[command(name = "rtinval-consumer", version = concat!(env!("CARGO_PKG_VERSION"), " (event schema_version 1)"), about, long_about)]
 struct Cli {
     /// Path of the TOML configuration.
-    #[arg(short, long, global = true, env = "RTINVAL_CONSUMER_CONFIG", default_value = "/etc/rtinval/consumer.toml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "RTINVAL_CONSUMER_CONFIG",
+        default_value = "/etc/rtinval/consumer.toml"
+    )]
     config: PathBuf,
     /// Log format.
-    #[arg(long, global = true, env = "RTINVAL_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "RTINVAL_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -44,8 +56,11 @@ enum LogFormat {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -63,10 +78,18 @@ fn main() -> ExitCode {
         }
     };
     if matches!(cli.command, Some(Command::CheckConfig)) {
-        println!("config OK: {} pool(s), {} cache(s), group {}", config.pools.len(), config.caches.len(), config.group_id());
+        println!(
+            "config OK: {} pool(s), {} cache(s), group {}",
+            config.pools.len(),
+            config.caches.len(),
+            config.group_id()
+        );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rtinval-consumer: cannot start the async runtime: {e}");
@@ -93,9 +116,11 @@ fn main() -> ExitCode {
 
 async fn signals(shutdown: CancellationToken, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         shutdown.cancel();
         return;

@@ -34,7 +34,10 @@ pub struct ReasonLabel {
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0].into_iter()
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+    .into_iter()
 }
 
 /// All consumer metrics; cheap to clone.
@@ -81,19 +84,71 @@ impl Metrics {
                 m
             }};
         }
-        let events_applied = reg!("rtinval_consumer_events_applied", "Events applied on this node, by kind", Family::<KindLabel, Counter>::default());
-        let apply_latency_seconds = reg!("rtinval_consumer_apply_latency_seconds", "Message received to its actions applied (includes debounce wait)", Histogram::new(latency_buckets()));
-        let end_to_end_latency_seconds = reg!("rtinval_consumer_end_to_end_latency_seconds", "Source commit to applied on this node (binlog timestamps have second resolution)", Histogram::new(latency_buckets()));
-        let staleness_seconds = reg!("rtinval_consumer_staleness_seconds", "Age of this node's view of the source, from the newest heartbeat", Gauge::<f64, AtomicU64>::default());
-        let pool_reloads = reg!("rtinval_consumer_pool_reloads", "Successful pool reloads", Family::<PoolLabel, Counter>::default());
-        let pool_reload_requests = reg!("rtinval_consumer_pool_reload_requests", "Reload requests, coalesced into the reloads", Family::<PoolLabel, Counter>::default());
-        let pool_reload_failures = reg!("rtinval_consumer_pool_reload_failures", "Failed pool reload attempts (retried)", Family::<PoolLabel, Counter>::default());
-        let pool_reload_duration_seconds = reg!("rtinval_consumer_pool_reload_duration_seconds", "Time one successful reload took", Histogram::new(latency_buckets()));
-        let keys_purged = reg!("rtinval_consumer_keys_purged", "Keys deleted from caches (missing keys count)", Family::<CacheLabel, Counter>::default());
-        let cache_flushes = reg!("rtinval_consumer_cache_flushes", "Whole-cache flushes", Family::<CacheLabel, Counter>::default());
-        let resyncs = reg!("rtinval_consumer_resyncs", "Local resyncs (every pool reloaded, every cache flushed), by reason", Family::<ReasonLabel, Counter>::default());
-        let decode_errors = reg!("rtinval_consumer_decode_errors", "Messages that could not be decoded (each caused a resync)", Counter::default());
-        let not_here = reg!("rtinval_consumer_events_not_here", "Actions naming a pool or cache this node does not have", Counter::default());
+        let events_applied = reg!(
+            "rtinval_consumer_events_applied",
+            "Events applied on this node, by kind",
+            Family::<KindLabel, Counter>::default()
+        );
+        let apply_latency_seconds = reg!(
+            "rtinval_consumer_apply_latency_seconds",
+            "Message received to its actions applied (includes debounce wait)",
+            Histogram::new(latency_buckets())
+        );
+        let end_to_end_latency_seconds = reg!(
+            "rtinval_consumer_end_to_end_latency_seconds",
+            "Source commit to applied on this node (binlog timestamps have second resolution)",
+            Histogram::new(latency_buckets())
+        );
+        let staleness_seconds = reg!(
+            "rtinval_consumer_staleness_seconds",
+            "Age of this node's view of the source, from the newest heartbeat",
+            Gauge::<f64, AtomicU64>::default()
+        );
+        let pool_reloads = reg!(
+            "rtinval_consumer_pool_reloads",
+            "Successful pool reloads",
+            Family::<PoolLabel, Counter>::default()
+        );
+        let pool_reload_requests = reg!(
+            "rtinval_consumer_pool_reload_requests",
+            "Reload requests, coalesced into the reloads",
+            Family::<PoolLabel, Counter>::default()
+        );
+        let pool_reload_failures = reg!(
+            "rtinval_consumer_pool_reload_failures",
+            "Failed pool reload attempts (retried)",
+            Family::<PoolLabel, Counter>::default()
+        );
+        let pool_reload_duration_seconds = reg!(
+            "rtinval_consumer_pool_reload_duration_seconds",
+            "Time one successful reload took",
+            Histogram::new(latency_buckets())
+        );
+        let keys_purged = reg!(
+            "rtinval_consumer_keys_purged",
+            "Keys deleted from caches (missing keys count)",
+            Family::<CacheLabel, Counter>::default()
+        );
+        let cache_flushes = reg!(
+            "rtinval_consumer_cache_flushes",
+            "Whole-cache flushes",
+            Family::<CacheLabel, Counter>::default()
+        );
+        let resyncs = reg!(
+            "rtinval_consumer_resyncs",
+            "Local resyncs (every pool reloaded, every cache flushed), by reason",
+            Family::<ReasonLabel, Counter>::default()
+        );
+        let decode_errors = reg!(
+            "rtinval_consumer_decode_errors",
+            "Messages that could not be decoded (each caused a resync)",
+            Counter::default()
+        );
+        let not_here = reg!(
+            "rtinval_consumer_events_not_here",
+            "Actions naming a pool or cache this node does not have",
+            Counter::default()
+        );
         Metrics {
             registry: Arc::new(r),
             events_applied,
@@ -116,22 +171,37 @@ impl Metrics {
     }
 
     pub fn pool_reloaded(&self, pool: &str, requests: u64, took: Duration) {
-        let l = PoolLabel { pool: pool.to_owned() };
+        let l = PoolLabel {
+            pool: pool.to_owned(),
+        };
         self.pool_reloads.get_or_create(&l).inc();
         self.pool_reload_requests.get_or_create(&l).inc_by(requests);
-        self.pool_reload_duration_seconds.observe(took.as_secs_f64());
+        self.pool_reload_duration_seconds
+            .observe(took.as_secs_f64());
     }
 
     pub fn pool_reload_failed(&self, pool: &str) {
-        self.pool_reload_failures.get_or_create(&PoolLabel { pool: pool.to_owned() }).inc();
+        self.pool_reload_failures
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
+            .inc();
     }
 
     pub fn keys_purged(&self, cache: &str, n: usize) {
-        self.keys_purged.get_or_create(&CacheLabel { cache: cache.to_owned() }).inc_by(n as u64);
+        self.keys_purged
+            .get_or_create(&CacheLabel {
+                cache: cache.to_owned(),
+            })
+            .inc_by(n as u64);
     }
 
     pub fn cache_flushed(&self, cache: &str) {
-        self.cache_flushes.get_or_create(&CacheLabel { cache: cache.to_owned() }).inc();
+        self.cache_flushes
+            .get_or_create(&CacheLabel {
+                cache: cache.to_owned(),
+            })
+            .inc();
     }
 
     pub fn resync(&self, reason: &'static str) {
@@ -160,7 +230,8 @@ impl Metrics {
     }
 
     pub fn set_max_staleness(&self, d: Duration) {
-        self.max_staleness_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+        self.max_staleness_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// `None` when ready, else the reason.
@@ -171,7 +242,11 @@ impl Metrics {
         let max = Duration::from_millis(self.max_staleness_ms.load(Ordering::Relaxed));
         match self.refresh_staleness() {
             None => Some("no heartbeat from the producer yet".into()),
-            Some(age) if age > max => Some(format!("stale: source view is {} s old (bound {} s)", age.as_secs(), max.as_secs())),
+            Some(age) if age > max => Some(format!(
+                "stale: source view is {} s old (bound {} s)",
+                age.as_secs(),
+                max.as_secs()
+            )),
             Some(_) => None,
         }
     }
@@ -185,7 +260,11 @@ impl Metrics {
 }
 
 /// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown`.
-pub async fn serve(listen: &str, metrics: Metrics, shutdown: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listen: &str,
+    metrics: Metrics,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
     use axum::http::StatusCode;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -195,7 +274,15 @@ pub async fn serve(listen: &str, metrics: Metrics, shutdown: tokio_util::sync::C
             "/metrics",
             get(move || {
                 let body = m1.encode();
-                async move { ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body) }
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
@@ -211,5 +298,7 @@ pub async fn serve(listen: &str, metrics: Metrics, shutdown: tokio_util::sync::C
                 }
             }),
         );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }

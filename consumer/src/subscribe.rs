@@ -34,7 +34,10 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The two event topics for a prefix.
 pub fn topics(prefix: &str) -> [String; 2] {
-    [format!("{prefix}.pool-reset"), format!("{prefix}.cache-keys")]
+    [
+        format!("{prefix}.pool-reset"),
+        format!("{prefix}.cache-keys"),
+    ]
 }
 
 /// Build the Kafka consumer of this node.
@@ -46,11 +49,18 @@ pub fn consumer(config: &Config) -> Result<StreamConsumer, ConsumerError> {
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         // Used only when a committed offset is out of range (retention passed).
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        // Bounds the latency of an idle partition's fetch: some Kafka-protocol brokers (tansu)
+        // answer an empty fetch only after this wait even when data arrives meanwhile.
+        // Override in kafka.options; with Apache Kafka a larger value saves idle requests.
+        .set("fetch.wait.max.ms", "50");
     for (k, v) in &config.kafka.options {
         c.set(k, v);
     }
-    c.create().map_err(|e| ConsumerError::Kafka { brokers: config.kafka.brokers.clone(), error: e.to_string() })
+    c.create().map_err(|e| ConsumerError::Kafka {
+        brokers: config.kafka.brokers.clone(),
+        error: e.to_string(),
+    })
 }
 
 struct Done {
@@ -73,13 +83,27 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub fn new(config: Config, consumer: StreamConsumer, applier: Applier, metrics: Metrics) -> Subscriber {
+    pub fn new(
+        config: Config,
+        consumer: StreamConsumer,
+        applier: Applier,
+        metrics: Metrics,
+    ) -> Subscriber {
         let inventory = applier.inventory();
-        Subscriber { config, consumer, applier, inventory, metrics }
+        Subscriber {
+            config,
+            consumer,
+            applier,
+            inventory,
+            metrics,
+        }
     }
 
     /// All partitions of both topics, waiting (with a log line) until the producer created them.
-    async fn partitions(&self, shutdown: &CancellationToken) -> Result<Option<TopicPartitionList>, ConsumerError> {
+    async fn partitions(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<TopicPartitionList>, ConsumerError> {
         let names = topics(&self.config.kafka.topic_prefix);
         let mut warned = false;
         loop {
@@ -89,7 +113,10 @@ impl Subscriber {
                 let md = self
                     .consumer
                     .fetch_metadata(Some(name), TIMEOUT)
-                    .map_err(|e| ConsumerError::Kafka { brokers: self.config.kafka.brokers.clone(), error: e.to_string() })?;
+                    .map_err(|e| ConsumerError::Kafka {
+                        brokers: self.config.kafka.brokers.clone(),
+                        error: e.to_string(),
+                    })?;
                 match md.topics().iter().find(|t| t.name() == name) {
                     Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
                         for p in t.partitions() {
@@ -114,28 +141,48 @@ impl Subscriber {
     }
 
     /// Start offsets: committed ones, or — after a local resync — the high watermarks.
-    async fn start_offsets(&self, all: &TopicPartitionList) -> Result<TopicPartitionList, ConsumerError> {
-        let kafka_err = |e: rdkafka::error::KafkaError| ConsumerError::Kafka { brokers: self.config.kafka.brokers.clone(), error: e.to_string() };
-        let committed = self.consumer.committed_offsets(all.clone(), TIMEOUT).map_err(kafka_err)?;
+    async fn start_offsets(
+        &self,
+        all: &TopicPartitionList,
+    ) -> Result<TopicPartitionList, ConsumerError> {
+        let kafka_err = |e: rdkafka::error::KafkaError| ConsumerError::Kafka {
+            brokers: self.config.kafka.brokers.clone(),
+            error: e.to_string(),
+        };
+        let committed = self
+            .consumer
+            .committed_offsets(all.clone(), TIMEOUT)
+            .map_err(kafka_err)?;
         let mut start = TopicPartitionList::new();
         let mut fresh = TopicPartitionList::new();
         for e in committed.elements() {
             match e.offset() {
                 Offset::Offset(o) if o >= 0 => {
-                    start.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o)).map_err(kafka_err)?;
+                    start
+                        .add_partition_offset(e.topic(), e.partition(), Offset::Offset(o))
+                        .map_err(kafka_err)?;
                 }
                 _ => {
-                    let (_, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT).map_err(kafka_err)?;
-                    fresh.add_partition_offset(e.topic(), e.partition(), Offset::Offset(high)).map_err(kafka_err)?;
+                    let (_, high) = self
+                        .consumer
+                        .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
+                        .map_err(kafka_err)?;
+                    fresh
+                        .add_partition_offset(e.topic(), e.partition(), Offset::Offset(high))
+                        .map_err(kafka_err)?;
                 }
             }
         }
         if fresh.count() > 0 {
             warn!(partitions = fresh.count(), group = %self.config.group_id(), "No committed offset: resyncing this node before consuming.");
             self.resync("no_committed_offset").await?;
-            self.consumer.commit(&fresh, CommitMode::Sync).map_err(kafka_err)?;
+            self.consumer
+                .commit(&fresh, CommitMode::Sync)
+                .map_err(kafka_err)?;
             for e in fresh.elements() {
-                start.add_partition_offset(e.topic(), e.partition(), e.offset()).map_err(kafka_err)?;
+                start
+                    .add_partition_offset(e.topic(), e.partition(), e.offset())
+                    .map_err(kafka_err)?;
             }
         }
         Ok(start)
@@ -144,24 +191,37 @@ impl Subscriber {
     async fn resync(&self, reason: &'static str) -> Result<(), ConsumerError> {
         self.metrics.resync(reason);
         let actions = self.inventory.resync();
-        info!(reason, actions = actions.len(), "Local resync: reloading every pool, flushing every cache.");
-        self.applier.apply(actions).await.map_err(|_| ConsumerError::Kafka {
-            brokers: self.config.kafka.brokers.clone(),
-            error: "interrupted during the initial resync".into(),
-        })
+        info!(
+            reason,
+            actions = actions.len(),
+            "Local resync: reloading every pool, flushing every cache."
+        );
+        self.applier
+            .apply(actions)
+            .await
+            .map_err(|_| ConsumerError::Kafka {
+                brokers: self.config.kafka.brokers.clone(),
+                error: "interrupted during the initial resync".into(),
+            })
     }
 
     /// Run until `shutdown`; returns after the final commit.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-        let Some(all) = self.partitions(&shutdown).await? else { return Ok(()) };
+        let Some(all) = self.partitions(&shutdown).await? else {
+            return Ok(());
+        };
         let start = self.start_offsets(&all).await?;
         self.consumer
             .assign(&start)
-            .map_err(|e| ConsumerError::Kafka { brokers: self.config.kafka.brokers.clone(), error: e.to_string() })?;
+            .map_err(|e| ConsumerError::Kafka {
+                brokers: self.config.kafka.brokers.clone(),
+                error: e.to_string(),
+            })?;
         self.metrics.set_assigned(true);
         info!(group = %self.config.group_id(), partitions = start.count(), "Consuming.");
 
-        let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> = FuturesOrdered::new();
+        let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> =
+            FuturesOrdered::new();
         let mut messages = self.consumer.stream();
         loop {
             tokio::select! {
@@ -181,14 +241,23 @@ impl Subscriber {
                 self.complete(done);
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
-            warn!("Shutdown: some actions did not finish within 10 s; their offsets stay uncommitted.");
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
+            warn!(
+                "Shutdown: some actions did not finish within 10 s; their offsets stay uncommitted."
+            );
         }
         self.metrics.set_assigned(false);
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => info!("Offsets committed."),
-            Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => warn!(error = %e, "Final offset commit failed; the next start re-applies from the last commit."),
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => {
+                warn!(error = %e, "Final offset commit failed; the next start re-applies from the last commit.")
+            }
         }
         Ok(())
     }
@@ -196,10 +265,15 @@ impl Subscriber {
     fn handle(&self, m: &BorrowedMessage<'_>) -> futures::future::BoxFuture<'static, Done> {
         let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
         let received = Instant::now();
-        let (actions, kind, committed_at) = match Event::from_json(m.payload().unwrap_or_default()) {
+        let (actions, kind, committed_at) = match Event::from_json(m.payload().unwrap_or_default())
+        {
             Ok(event) => {
                 debug!(%topic, partition, offset, id = %event.id, kind = %event.kind(), "Event.");
-                (plan::actions(&event, &self.inventory), Some(event.kind()), event.source.committed_at)
+                (
+                    plan::actions(&event, &self.inventory),
+                    Some(event.kind()),
+                    event.source.committed_at,
+                )
             }
             Err(e) => {
                 self.metrics.decode_errors.inc();
@@ -211,7 +285,15 @@ impl Subscriber {
         let fut = self.applier.apply(actions);
         async move {
             let result = fut.await;
-            Done { topic, partition, offset, kind, received, committed_at, result }
+            Done {
+                topic,
+                partition,
+                offset,
+                kind,
+                received,
+                committed_at,
+                result,
+            }
         }
         .boxed()
     }
@@ -221,16 +303,28 @@ impl Subscriber {
             return;
         }
         if let Some(kind) = done.kind {
-            self.metrics.events_applied.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+            self.metrics
+                .events_applied
+                .get_or_create(&KindLabel {
+                    kind: kind.as_str(),
+                })
+                .inc();
             if kind != EventKind::Heartbeat {
-                self.metrics.apply_latency_seconds.observe(done.received.elapsed().as_secs_f64());
+                self.metrics
+                    .apply_latency_seconds
+                    .observe(done.received.elapsed().as_secs_f64());
                 if done.committed_at > 0 {
                     let e2e = crate::now_ms().saturating_sub(done.committed_at);
-                    self.metrics.end_to_end_latency_seconds.observe(e2e as f64 / 1000.0);
+                    self.metrics
+                        .end_to_end_latency_seconds
+                        .observe(e2e as f64 / 1000.0);
                 }
             }
         }
-        if let Err(e) = self.consumer.store_offset(&done.topic, done.partition, done.offset + 1) {
+        if let Err(e) = self
+            .consumer
+            .store_offset(&done.topic, done.partition, done.offset + 1)
+        {
             warn!(topic = %done.topic, partition = done.partition, offset = done.offset, error = %e, "Cannot store offset.");
         }
     }

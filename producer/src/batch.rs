@@ -87,8 +87,10 @@ impl Batcher {
                 self.caches.insert(cache, CacheState::Flush(reason));
             }
             Intent::PurgeKey { cache, key } => {
-                let state =
-                    self.caches.entry(cache).or_insert_with(|| CacheState::Keys(BTreeSet::new()));
+                let state = self
+                    .caches
+                    .entry(cache)
+                    .or_insert_with(|| CacheState::Keys(BTreeSet::new()));
                 if let CacheState::Keys(keys) = state {
                     keys.insert(key);
                     if keys.len() > self.max_keys {
@@ -123,16 +125,23 @@ impl Batcher {
     pub fn finish(&mut self, commit: &Commit, emitted_at: u64) -> Vec<Event> {
         let tables: Vec<TableChange> = std::mem::take(&mut self.tables)
             .into_iter()
-            .map(|(table, ops)| TableChange { table: table.to_string(), ops: ops.into_iter().collect() })
+            .map(|(table, ops)| TableChange {
+                table: table.to_string(),
+                ops: ops.into_iter().collect(),
+            })
             .collect();
         let mut bodies = Vec::new();
         for pool in std::mem::take(&mut self.pools) {
-            bodies.push(EventBody::PoolReset { pools: vec![pool.to_string()] });
+            bodies.push(EventBody::PoolReset {
+                pools: vec![pool.to_string()],
+            });
         }
         for (cache, state) in std::mem::take(&mut self.caches) {
             match state {
-                CacheState::Flush(reason) => bodies
-                    .push(EventBody::CacheFlush { cache: cache.to_string(), reason: reason.to_owned() }),
+                CacheState::Flush(reason) => bodies.push(EventBody::CacheFlush {
+                    cache: cache.to_string(),
+                    reason: reason.to_owned(),
+                }),
                 CacheState::Keys(keys) => {
                     let keys: Vec<String> = keys.into_iter().collect();
                     for chunk in keys.chunks(self.keys_per_event) {
@@ -174,7 +183,10 @@ mod tests {
     }
 
     fn purge(k: &str) -> Intent {
-        Intent::PurgeKey { cache: "rt".into(), key: k.into() }
+        Intent::PurgeKey {
+            cache: "rt".into(),
+            key: k.into(),
+        }
     }
 
     #[test]
@@ -188,7 +200,12 @@ mod tests {
         }
         let events = b.finish(&commit(), 1);
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0].body, EventBody::PoolReset { pools: vec!["rtapi".into()] });
+        assert_eq!(
+            events[0].body,
+            EventBody::PoolReset {
+                pools: vec!["rtapi".into()]
+            }
+        );
         match &events[1].body {
             EventBody::CacheKeys { cache, keys } => {
                 assert_eq!(cache, "rt");
@@ -213,7 +230,10 @@ mod tests {
         let events = b.finish(&commit(), 1);
         assert_eq!(
             events.iter().map(|e| e.body.clone()).collect::<Vec<_>>(),
-            vec![EventBody::CacheFlush { cache: "rt".into(), reason: "too_many_keys".into() }]
+            vec![EventBody::CacheFlush {
+                cache: "rt".into(),
+                reason: "too_many_keys".into()
+            }]
         );
     }
 
@@ -233,17 +253,25 @@ mod tests {
             .collect();
         assert_eq!(sizes, vec![4, 4, 2]);
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-        assert_eq!(ids, vec!["1:b.000001:900:0", "1:b.000001:900:1", "1:b.000001:900:2"]);
+        assert_eq!(
+            ids,
+            vec!["1:b.000001:900:0", "1:b.000001:900:1", "1:b.000001:900:2"]
+        );
     }
 
     #[test]
     fn a_flush_wins_over_keys_of_the_same_cache() {
         let mut b = Batcher::new(100, 10);
         b.add(purge("a"));
-        b.add(Intent::FlushCache { cache: "rt".into(), reason: "key_underivable" });
+        b.add(Intent::FlushCache {
+            cache: "rt".into(),
+            reason: "key_underivable",
+        });
         b.add(purge("b"));
         let events = b.finish(&commit(), 1);
         assert_eq!(events.len(), 1);
-        assert!(matches!(&events[0].body, EventBody::CacheFlush { reason, .. } if reason == "key_underivable"));
+        assert!(
+            matches!(&events[0].body, EventBody::CacheFlush { reason, .. } if reason == "key_underivable")
+        );
     }
 }

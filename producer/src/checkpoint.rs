@@ -57,7 +57,10 @@ struct Stored {
 
 /// Read the last checkpoint written under `key`, if any.
 pub fn load(kafka: &KafkaConfig, topic: &str, key: &str) -> Result<Option<Position>, KafkaError> {
-    let err = |e: String| KafkaError::ReadCheckpoint { topic: topic.to_owned(), error: e };
+    let err = |e: String| KafkaError::ReadCheckpoint {
+        topic: topic.to_owned(),
+        error: e,
+    };
     let consumer: BaseConsumer = client_config(kafka)
         .set("group.id", format!("rtinval-checkpoint-reader-{key}"))
         .set("enable.auto.commit", "false")
@@ -77,9 +80,12 @@ pub fn load(kafka: &KafkaConfig, topic: &str, key: &str) -> Result<Option<Positi
         if found.is_some() || start == low {
             return found
                 .map(|bytes| {
-                    serde_json::from_slice::<Stored>(&bytes).map(|s| s.position).map_err(|e| {
-                        KafkaError::BadCheckpoint { topic: topic.to_owned(), error: e.to_string() }
-                    })
+                    serde_json::from_slice::<Stored>(&bytes)
+                        .map(|s| s.position)
+                        .map_err(|e| KafkaError::BadCheckpoint {
+                            topic: topic.to_owned(),
+                            error: e.to_string(),
+                        })
                 })
                 .transpose();
         }
@@ -95,7 +101,8 @@ fn scan(
     high: i64,
 ) -> Result<Option<Vec<u8>>, String> {
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(start)).map_err(|e| e.to_string())?;
+    tpl.add_partition_offset(topic, 0, Offset::Offset(start))
+        .map_err(|e| e.to_string())?;
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
     let mut last = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -172,7 +179,10 @@ impl Checkpointer {
             match delivery.await {
                 Ok(Ok(_)) => self.metrics.published(kind, inflight.committed_at),
                 Ok(Err((e, _))) => {
-                    return Err(KafkaError::Delivery { position: position.to_string(), error: e.to_string() });
+                    return Err(KafkaError::Delivery {
+                        position: position.to_string(),
+                        error: e.to_string(),
+                    });
                 }
                 Err(_) => {
                     return Err(KafkaError::Delivery {
@@ -189,16 +199,25 @@ impl Checkpointer {
     }
 
     async fn write(&self, position: &Position) -> Result<(), KafkaError> {
-        let stored = Stored { position: position.clone(), updated_at: crate::now_ms() };
+        let stored = Stored {
+            position: position.clone(),
+            updated_at: crate::now_ms(),
+        };
         let payload = serde_json::to_vec(&stored).map_err(|e| KafkaError::Delivery {
             position: position.to_string(),
             error: e.to_string(),
         })?;
-        let record = FutureRecord::to(&self.topic).key(&self.key).payload(&payload).partition(0);
+        let record = FutureRecord::to(&self.topic)
+            .key(&self.key)
+            .payload(&payload)
+            .partition(0);
         self.producer
             .send(record, Duration::from_secs(300))
             .await
-            .map_err(|(e, _)| KafkaError::Delivery { position: position.to_string(), error: e.to_string() })?;
+            .map_err(|(e, _)| KafkaError::Delivery {
+                position: position.to_string(),
+                error: e.to_string(),
+            })?;
         self.metrics.checkpoint_written();
         debug!(%position, "Checkpoint written.");
         Ok(())

@@ -116,7 +116,9 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_producer_listen() }
+        HttpConfig {
+            listen: default_producer_listen(),
+        }
     }
 }
 
@@ -216,8 +218,10 @@ impl Rule {
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.display().to_string(), error: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            error: e,
+        })?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),
             error: e.to_string(),
@@ -253,7 +257,9 @@ impl Config {
             ));
         }
         if self.producer.keys_per_event == 0 {
-            return Err(ConfigError::Invalid("producer.keys_per_event must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "producer.keys_per_event must be positive".into(),
+            ));
         }
         self.rules()?;
         Ok(())
@@ -261,11 +267,19 @@ impl Config {
 
     /// Rules with tables resolved and templates parsed.
     pub fn rules(&self) -> Result<Vec<Rule>, ConfigError> {
-        self.rules.iter().enumerate().map(|(i, r)| self.rule(i, r)).collect()
+        self.rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.rule(i, r))
+            .collect()
     }
 
     fn rule(&self, index: usize, r: &RuleConfig) -> Result<Rule, ConfigError> {
-        let at = |msg: String| ConfigError::Rule { index, table: r.table.clone(), msg };
+        let at = |msg: String| ConfigError::Rule {
+            index,
+            table: r.table.clone(),
+            msg,
+        };
         let (database, table) = match r.table.split_once('.') {
             Some((d, t)) => (d.to_owned(), t.to_owned()),
             None => match &self.source.database {
@@ -285,10 +299,14 @@ impl Config {
             return Err(at("ops is empty; the rule would never fire".into()));
         }
         if r.reset_pools.is_empty() && r.cache.is_none() {
-            return Err(at("the rule does nothing: set reset_pools and/or cache + keys".into()));
+            return Err(at(
+                "the rule does nothing: set reset_pools and/or cache + keys".into(),
+            ));
         }
-        if r.cache.is_some() != !r.keys.is_empty() {
-            return Err(at("cache and keys go together: a cache needs key templates".into()));
+        if r.cache.is_some() == r.keys.is_empty() {
+            return Err(at(
+                "cache and keys go together: a cache needs key templates".into(),
+            ));
         }
         for name in r.reset_pools.iter().chain(r.cache.iter()) {
             if !valid_name(name) {
@@ -325,17 +343,23 @@ impl Config {
 
 /// Names of pools, caches and topic prefixes: safe in topic names, metric labels and logs.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn with_password(url: &str, password: &str) -> Result<String, ConfigError> {
     let opts = mysql_async::Opts::from_url(url)
         .map_err(|e| ConfigError::Invalid(format!("source.url is not a mysql:// URL: {e}")))?;
     let user = opts.user().unwrap_or("root");
-    let rest = url.rsplit_once('@').map(|(_, r)| r).unwrap_or_else(|| {
-        url.strip_prefix("mysql://").unwrap_or(url)
-    });
-    Ok(format!("mysql://{user}:{}@{rest}", percent_encode(password)))
+    let rest = url
+        .rsplit_once('@')
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| url.strip_prefix("mysql://").unwrap_or(url));
+    Ok(format!(
+        "mysql://{user}:{}@{rest}",
+        percent_encode(password)
+    ))
 }
 
 fn percent_encode(s: &str) -> String {
@@ -393,17 +417,24 @@ brokers = "127.0.0.1:9092"
         .unwrap();
         let rules = c.rules().unwrap();
         assert_eq!(rules[0].qualified_table(), "racktables.Object");
-        assert_eq!(rules[0].columns().into_iter().collect::<Vec<_>>(), vec!["id"]);
+        assert_eq!(
+            rules[0].columns().into_iter().collect::<Vec<_>>(),
+            vec!["id"]
+        );
         assert_eq!(c.kafka.topic_prefix, "rtinval");
     }
 
     #[test]
     fn unknown_fields_and_bad_rules_are_refused_with_a_reason() {
-        let err = parse(&format!("{BASE}\n[[rules]]\ntable = \"Object\"\nreset_pool = [\"x\"]\n"))
-            .unwrap_err();
+        let err = parse(&format!(
+            "{BASE}\n[[rules]]\ntable = \"Object\"\nreset_pool = [\"x\"]\n"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("reset_pool"), "{err}");
-        let err = parse(&format!("{BASE}\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\n"))
-            .unwrap_err();
+        let err = parse(&format!(
+            "{BASE}\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\n"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("key templates"), "{err}");
         let err = parse(&format!("{BASE}\n[[rules]]\ntable = \"Object\"\n")).unwrap_err();
         assert!(err.to_string().contains("does nothing"), "{err}");
@@ -417,8 +448,10 @@ brokers = "127.0.0.1:9092"
     #[test]
     fn unqualified_table_needs_a_database() {
         let base = BASE.replace("database = \"racktables\"\n", "");
-        let err = parse(&format!("{base}\n[[rules]]\ntable = \"Object\"\nreset_pools = [\"p\"]\n"))
-            .unwrap_err();
+        let err = parse(&format!(
+            "{base}\n[[rules]]\ntable = \"Object\"\nreset_pools = [\"p\"]\n"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("source.database"), "{err}");
     }
 

@@ -83,11 +83,21 @@ impl TableShape {
         for field in tme.iter_optional_meta() {
             match field {
                 Ok(OptionalMetadataField::ColumnName(n)) => {
-                    names = n.iter_names().map(|n| n.map(|n| n.name().into_owned())).collect::<Result<_, _>>().ok();
+                    names = n
+                        .iter_names()
+                        .map(|n| n.map(|n| n.name().into_owned()))
+                        .collect::<Result<_, _>>()
+                        .ok();
                 }
                 Ok(OptionalMetadataField::EnumStrValue(e)) => {
                     for values in e.iter_values().flatten() {
-                        enum_values.push(values.values().iter().map(|v| v.value().into_owned()).collect());
+                        enum_values.push(
+                            values
+                                .values()
+                                .iter()
+                                .map(|v| v.value().into_owned())
+                                .collect(),
+                        );
                     }
                 }
                 _ => {}
@@ -101,7 +111,10 @@ impl TableShape {
                 _ => None,
             })
             .collect();
-        Some(TableShape { names: names.into(), enums })
+        Some(TableShape {
+            names: names.into(),
+            enums,
+        })
     }
 
     /// Values of one binlog row image, index-aligned with the table's columns.
@@ -132,7 +145,10 @@ impl TableShape {
     /// A shape with these column names and no ENUM columns.
     pub fn for_tests(names: Vec<String>) -> TableShape {
         let enums = vec![None; names.len()];
-        TableShape { names: names.into(), enums }
+        TableShape {
+            names: names.into(),
+            enums,
+        }
     }
 }
 
@@ -140,7 +156,9 @@ impl TableShape {
 fn enum_name(names: &[String], idx: i64) -> Value {
     match usize::try_from(idx) {
         Ok(0) => Value::Bytes(Vec::new()),
-        Ok(i) => names.get(i - 1).map_or(Value::Int(idx), |n| Value::Bytes(n.clone().into_bytes())),
+        Ok(i) => names
+            .get(i - 1)
+            .map_or(Value::Int(idx), |n| Value::Bytes(n.clone().into_bytes())),
         Err(_) => Value::Int(idx),
     }
 }
@@ -189,9 +207,18 @@ mod tests {
     #[test]
     fn rendering_matches_what_an_application_would_print() {
         assert_eq!(rendered(Value::Int(-42)).as_deref(), Some("-42"));
-        assert_eq!(rendered(Value::UInt(u64::MAX)).as_deref(), Some("18446744073709551615"));
-        assert_eq!(rendered(Value::Bytes(b"srv-01".to_vec())).as_deref(), Some("srv-01"));
-        assert_eq!(rendered(Value::Bytes(vec![0xfe, 0x80, 0, 1])).as_deref(), Some("fe800001"));
+        assert_eq!(
+            rendered(Value::UInt(u64::MAX)).as_deref(),
+            Some("18446744073709551615")
+        );
+        assert_eq!(
+            rendered(Value::Bytes(b"srv-01".to_vec())).as_deref(),
+            Some("srv-01")
+        );
+        assert_eq!(
+            rendered(Value::Bytes(vec![0xfe, 0x80, 0, 1])).as_deref(),
+            Some("fe800001")
+        );
         assert_eq!(rendered(Value::Null), None);
         assert_eq!(rendered(Value::Absent), None);
     }
@@ -206,9 +233,13 @@ mod tests {
 
     #[test]
     fn dates_and_times_render_like_the_server() {
-        let d = value(BinlogValue::Value(mysql_async::Value::Date(2026, 1, 2, 3, 4, 5, 0)));
+        let d = value(BinlogValue::Value(mysql_async::Value::Date(
+            2026, 1, 2, 3, 4, 5, 0,
+        )));
         assert_eq!(d, Value::Text("2026-01-02 03:04:05".into()));
-        let t = value(BinlogValue::Value(mysql_async::Value::Time(true, 1, 2, 3, 4, 5)));
+        let t = value(BinlogValue::Value(mysql_async::Value::Time(
+            true, 1, 2, 3, 4, 5,
+        )));
         assert_eq!(t, Value::Text("-26:03:04.000005".into()));
     }
 }

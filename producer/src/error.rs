@@ -13,7 +13,11 @@ pub enum ConfigError {
     #[error("config: {0}")]
     Invalid(String),
     #[error("config: rule #{index} (table {table:?}): {msg}")]
-    Rule { index: usize, table: String, msg: String },
+    Rule {
+        index: usize,
+        table: String,
+        msg: String,
+    },
 }
 
 /// The binlog source failed.
@@ -22,7 +26,11 @@ pub enum SourceError {
     #[error(
         "source server setting {setting} is {actual:?}, rtinval needs {expected:?}; set it in the server config ({setting}={expected}) and restart the server"
     )]
-    InvalidServerSetting { setting: &'static str, expected: &'static str, actual: String },
+    InvalidServerSetting {
+        setting: &'static str,
+        expected: &'static str,
+        actual: String,
+    },
     #[error("rule for {table}: {msg}")]
     RuleDoesNotMatchSchema { table: String, msg: String },
     #[error(
@@ -30,7 +38,10 @@ pub enum SourceError {
     )]
     MissingPrivilege { msg: String },
     #[error("cannot connect to the source {url}: {error}")]
-    Connect { url: String, error: mysql_async::Error },
+    Connect {
+        url: String,
+        error: mysql_async::Error,
+    },
     #[error("binlog stream failed at {position}: {error}")]
     Stream { position: String, error: String },
     #[error("binlog position {position} is no longer on the server: {error}")]
@@ -38,7 +49,11 @@ pub enum SourceError {
     #[error("binlog stream idle for {secs} s at {position} (no events, no heartbeats)")]
     ReadTimeout { position: String, secs: u64 },
     #[error("cannot decode binlog event at {position} (table {table}): {error}")]
-    Decode { position: String, table: String, error: String },
+    Decode {
+        position: String,
+        table: String,
+        error: String,
+    },
     #[error("query on the source failed: {0}")]
     Query(#[from] mysql_async::Error),
     #[error("the publish stage stopped")]
@@ -52,7 +67,9 @@ impl SourceError {
             SourceError::Connect { .. }
             | SourceError::Stream { .. }
             | SourceError::ReadTimeout { .. } => true,
-            SourceError::Query(e) => !matches!(e, mysql_async::Error::Server(s) if is_privilege_error(s.code)),
+            SourceError::Query(e) => {
+                !matches!(e, mysql_async::Error::Server(s) if is_privilege_error(s.code))
+            }
             _ => false,
         }
     }
@@ -69,7 +86,10 @@ pub fn is_privilege_error(code: u16) -> bool {
 #[derive(Debug, Error)]
 pub enum KafkaError {
     #[error("cannot create Kafka client for {brokers}: {error}")]
-    Client { brokers: String, error: rdkafka::error::KafkaError },
+    Client {
+        brokers: String,
+        error: rdkafka::error::KafkaError,
+    },
     #[error("cannot create topic {topic}: {error}")]
     CreateTopic { topic: String, error: String },
     #[error("cannot read metadata of topic {topic}: {error}")]

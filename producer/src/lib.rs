@@ -62,13 +62,20 @@ pub enum PipelineError {
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error("HTTP endpoint {listen}: {error}")]
-    Http { listen: String, error: std::io::Error },
+    Http {
+        listen: String,
+        error: std::io::Error,
+    },
     #[error("a pipeline stage panicked: {0}")]
     Panic(String),
 }
 
 /// Run the producer until `shutdown` or the first fatal error.
-pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) -> Result<(), PipelineError> {
+pub async fn run(
+    config: Config,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
     let topics = Topics::new(&config.kafka.topic_prefix);
     let source = BinlogSource::new(config.clone(), metrics.clone())?;
     // Fail fast on server settings and rules before touching Kafka state.
@@ -91,7 +98,12 @@ pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) 
 
     let (batch_tx, batch_rx) = mpsc::channel(256);
     let (inflight_tx, inflight_rx) = mpsc::channel(1024);
-    let publisher = Publisher { producer: producer.clone(), topics: topics.clone(), partitions, metrics: metrics.clone() };
+    let publisher = Publisher {
+        producer: producer.clone(),
+        topics: topics.clone(),
+        partitions,
+        metrics: metrics.clone(),
+    };
     let checkpointer = Checkpointer {
         producer,
         topic: topics.checkpoints.clone(),
@@ -102,15 +114,40 @@ pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) 
 
     let mut stages: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
     let sd = shutdown.clone();
-    stages.spawn(async move { ("source", source.run(start, batch_tx, sd).await.map_err(Into::into)) });
+    stages.spawn(async move {
+        (
+            "source",
+            source.run(start, batch_tx, sd).await.map_err(Into::into),
+        )
+    });
     let sd = shutdown.clone();
-    stages.spawn(async move { ("publish", publisher.run(batch_rx, inflight_tx, sd).await.map_err(Into::into)) });
-    stages.spawn(async move { ("checkpoint", checkpointer.run(inflight_rx).await.map_err(Into::into)) });
+    stages.spawn(async move {
+        (
+            "publish",
+            publisher
+                .run(batch_rx, inflight_tx, sd)
+                .await
+                .map_err(Into::into),
+        )
+    });
+    stages.spawn(async move {
+        (
+            "checkpoint",
+            checkpointer.run(inflight_rx).await.map_err(Into::into),
+        )
+    });
     if !config.http.listen.is_empty() {
-        let (listen, m, sd) = (config.http.listen.clone(), metrics.clone(), shutdown.clone());
+        let (listen, m, sd) = (
+            config.http.listen.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
         stages.spawn(async move {
             let r = metrics::serve(&listen, m, sd).await;
-            ("http", r.map_err(|error| PipelineError::Http { listen, error }))
+            (
+                "http",
+                r.map_err(|error| PipelineError::Http { listen, error }),
+            )
         });
     }
     info!(topics = ?topics, "Producer running.");

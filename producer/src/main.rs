@@ -8,7 +8,7 @@ use clap::Parser;
 use rtinval_producer::config::Config;
 use rtinval_producer::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
 /// Tails a MySQL/MariaDB binlog and publishes cache-invalidation events to Kafka.
 ///
@@ -21,7 +21,12 @@ use tracing::{error, info};
 #[command(name = "rtinval-producer", version = long_version(), about, long_about)]
 struct Cli {
     /// Path of the TOML configuration.
-    #[arg(short, long, env = "RTINVAL_PRODUCER_CONFIG", default_value = "/etc/rtinval/producer.toml")]
+    #[arg(
+        short,
+        long,
+        env = "RTINVAL_PRODUCER_CONFIG",
+        default_value = "/etc/rtinval/producer.toml"
+    )]
     config: PathBuf,
     /// Log format.
     #[arg(long, env = "RTINVAL_LOG_FORMAT", value_enum, default_value = "text")]
@@ -49,7 +54,9 @@ fn long_version() -> &'static str {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -59,17 +66,21 @@ fn init_tracing(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
-            error!(error = %e, "Cannot start the async runtime.");
+            eprintln!("rtinval-producer: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            // One line an operator can act on (the pipeline already logged stage failures).
             eprintln!("rtinval-producer: {e:#}");
             ExitCode::FAILURE
         }
@@ -107,7 +118,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -71,16 +71,20 @@ impl Metrics {
             events_published.clone(),
         );
         let rows = Family::<TableOpLabels, Counter>::default();
-        r.register("rtinval_producer_rows", "Row changes seen on watched tables", rows.clone());
+        r.register(
+            "rtinval_producer_rows",
+            "Row changes seen on watched tables",
+            rows.clone(),
+        );
         let binlog_lag_seconds = Gauge::<f64, AtomicU64>::default();
         r.register(
             "rtinval_producer_binlog_lag_seconds",
             "Now minus the source timestamp of the last binlog event read (0 when caught up)",
             binlog_lag_seconds.clone(),
         );
-        let publish_latency_seconds = Histogram::new(
-            [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0].into_iter(),
-        );
+        let publish_latency_seconds = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]);
         r.register(
             "rtinval_producer_publish_latency_seconds",
             "Source commit time to Kafka acknowledgment (second resolution of binlog timestamps)",
@@ -146,20 +150,27 @@ impl Metrics {
     }
 
     pub fn published(&self, kind: EventKind, committed_at_ms: u64) {
-        self.events_published.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+        self.events_published
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
         if kind != EventKind::Heartbeat && committed_at_ms > 0 {
             let now = crate::now_ms();
-            self.publish_latency_seconds.observe(now.saturating_sub(committed_at_ms) as f64 / 1000.0);
+            self.publish_latency_seconds
+                .observe(now.saturating_sub(committed_at_ms) as f64 / 1000.0);
         }
     }
 
     pub fn set_position(&self, p: &Position) {
-        self.position_pos.set(i64::try_from(p.pos).unwrap_or(i64::MAX));
+        self.position_pos
+            .set(i64::try_from(p.pos).unwrap_or(i64::MAX));
     }
 
     pub fn checkpoint_written(&self) {
         self.checkpoint_writes.inc();
-        self.checkpoint_timestamp_seconds.set(crate::now_ms() as f64 / 1000.0);
+        self.checkpoint_timestamp_seconds
+            .set(crate::now_ms() as f64 / 1000.0);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -214,10 +225,15 @@ pub async fn serve(
                     if ready {
                         (StatusCode::OK, "ready\n")
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not streaming the binlog\n")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: not streaming the binlog\n",
+                        )
                     }
                 }
             }),
         );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }

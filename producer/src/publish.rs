@@ -80,14 +80,21 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("message.timeout.ms", "300000")
         .set("queue.buffering.max.messages", "200000")
         .create()
-        .map_err(|error| KafkaError::Client { brokers: kafka.brokers.clone(), error })
+        .map_err(|error| KafkaError::Client {
+            brokers: kafka.brokers.clone(),
+            error,
+        })
 }
 
 /// Create the event topics and the checkpoint topic if missing (an existing topic is fine).
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &Topics) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
-        .create()
-        .map_err(|error| KafkaError::Client { brokers: kafka.brokers.clone(), error })?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(kafka)
+            .create()
+            .map_err(|error| KafkaError::Client {
+                brokers: kafka.brokers.clone(),
+                error,
+            })?;
     let rf = || TopicReplication::Fixed(kafka.replication_factor);
     let new = [
         NewTopic::new(&topics.pool_reset, kafka.partitions, rf()),
@@ -98,13 +105,19 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &Topics) -> Result<(), K
     let results = admin
         .create_topics(&new, &opts)
         .await
-        .map_err(|e| KafkaError::CreateTopic { topic: topics.pool_reset.clone(), error: e.to_string() })?;
+        .map_err(|e| KafkaError::CreateTopic {
+            topic: topics.pool_reset.clone(),
+            error: e.to_string(),
+        })?;
     for r in results {
         match r {
             Ok(topic) => info!(%topic, "Created topic."),
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => debug!(%topic, "Topic exists."),
             Err((topic, code)) => {
-                return Err(KafkaError::CreateTopic { topic, error: code.to_string() });
+                return Err(KafkaError::CreateTopic {
+                    topic,
+                    error: code.to_string(),
+                });
             }
         }
     }
@@ -116,14 +129,23 @@ pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, Ka
     let md = producer
         .client()
         .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(|e| KafkaError::Metadata { topic: topic.to_owned(), error: e.to_string() })?;
+        .map_err(|e| KafkaError::Metadata {
+            topic: topic.to_owned(),
+            error: e.to_string(),
+        })?;
     let t = md
         .topics()
         .iter()
         .find(|t| t.name() == topic)
-        .ok_or_else(|| KafkaError::Metadata { topic: topic.to_owned(), error: "not found".into() })?;
+        .ok_or_else(|| KafkaError::Metadata {
+            topic: topic.to_owned(),
+            error: "not found".into(),
+        })?;
     if let Some(e) = t.error() {
-        return Err(KafkaError::Metadata { topic: topic.to_owned(), error: format!("{e:?}") });
+        return Err(KafkaError::Metadata {
+            topic: topic.to_owned(),
+            error: format!("{e:?}"),
+        });
     }
     Ok(t.partitions().len().max(1) as i32)
 }
@@ -157,7 +179,12 @@ impl Publisher {
                     kinds.push(event.kind());
                 }
             }
-            let inflight = InFlight { position: batch.position, deliveries, kinds, committed_at };
+            let inflight = InFlight {
+                position: batch.position,
+                deliveries,
+                kinds,
+                committed_at,
+            };
             if output.send(inflight).await.is_err() {
                 break;
             }
@@ -170,7 +197,9 @@ impl Publisher {
             EventBody::PoolReset { pools } => {
                 vec![(self.topics.pool_reset.as_str(), None, pools.join(","))]
             }
-            EventBody::Resync { .. } => vec![(self.topics.pool_reset.as_str(), Some(0), "resync".into())],
+            EventBody::Resync { .. } => {
+                vec![(self.topics.pool_reset.as_str(), Some(0), "resync".into())]
+            }
             EventBody::CacheKeys { cache, .. } | EventBody::CacheFlush { cache, .. } => {
                 vec![(self.topics.cache_keys.as_str(), None, cache.clone())]
             }
@@ -200,9 +229,18 @@ impl Publisher {
         let mut backoff = Duration::from_millis(5);
         loop {
             let headers = OwnedHeaders::new()
-                .insert(Header { key: HEADER_KIND, value: Some(event.kind().as_str()) })
-                .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(version.as_str()) });
-            let mut record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
+                .insert(Header {
+                    key: HEADER_KIND,
+                    value: Some(event.kind().as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_SCHEMA_VERSION,
+                    value: Some(version.as_str()),
+                });
+            let mut record = FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers);
             if let Some(p) = partition {
                 record = record.partition(p);
             }

@@ -49,7 +49,9 @@ impl Template {
                             Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == '$' => {
                                 name.push(c)
                             }
-                            Some(c) => return Err(format!("invalid character {c:?} in placeholder")),
+                            Some(c) => {
+                                return Err(format!("invalid character {c:?} in placeholder"));
+                            }
                             None => return Err("unclosed placeholder, missing '}'".into()),
                         }
                     }
@@ -87,8 +89,14 @@ impl Template {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Intent {
     ResetPool(Arc<str>),
-    PurgeKey { cache: Arc<str>, key: String },
-    FlushCache { cache: Arc<str>, reason: &'static str },
+    PurgeKey {
+        cache: Arc<str>,
+        key: String,
+    },
+    FlushCache {
+        cache: Arc<str>,
+        reason: &'static str,
+    },
 }
 
 /// The rules of one table, compiled against one column list.
@@ -169,7 +177,11 @@ impl TableRules {
             .map(|r| CompiledRule {
                 ops: r.ops.clone(),
                 when_changed: r.when_changed.iter().map(|c| index(c)).collect(),
-                pools: r.reset_pools.iter().map(|p| Arc::from(p.as_str())).collect(),
+                pools: r
+                    .reset_pools
+                    .iter()
+                    .map(|p| Arc::from(p.as_str()))
+                    .collect(),
                 cache: r.cache.as_deref().map(Arc::from),
                 keys: r
                     .keys
@@ -190,7 +202,12 @@ impl TableRules {
                     .collect(),
             })
             .collect();
-        TableRules { table: Arc::from(table), shape, rules: compiled, missing_columns: missing.into_iter().collect() }
+        TableRules {
+            table: Arc::from(table),
+            shape,
+            rules: compiled,
+            missing_columns: missing.into_iter().collect(),
+        }
     }
 
     /// The intents of one row change, appended to `out`.
@@ -204,7 +221,10 @@ impl TableRules {
             for template in &rule.keys {
                 for image in [&change.before, &change.after].into_iter().flatten() {
                     match template.render(image) {
-                        Rendered::Key(key) => out.push(Intent::PurgeKey { cache: cache.clone(), key }),
+                        Rendered::Key(key) => out.push(Intent::PurgeKey {
+                            cache: cache.clone(),
+                            key,
+                        }),
                         Rendered::NoKey => {}
                         Rendered::Underivable => out.push(Intent::FlushCache {
                             cache: cache.clone(),
@@ -224,7 +244,9 @@ impl CompiledRule {
         if change.op != Op::Update || self.when_changed.is_empty() {
             return true;
         }
-        let (Some(before), Some(after)) = (&change.before, &change.after) else { return true };
+        let (Some(before), Some(after)) = (&change.before, &change.after) else {
+            return true;
+        };
         self.when_changed.iter().any(|i| match i {
             None => true,
             Some(i) => match (before.get(*i), after.get(*i)) {
@@ -268,7 +290,10 @@ mod tests {
     }
 
     fn key(cache: &str, k: &str) -> Intent {
-        Intent::PurgeKey { cache: cache.into(), key: k.into() }
+        Intent::PurgeKey {
+            cache: cache.into(),
+            key: k.into(),
+        }
     }
 
     #[test]
@@ -305,35 +330,62 @@ mod tests {
             after: Some(obj(1, Some("a"), "y")),
         };
         assert!(intents(&t, &label_only).is_empty());
-        let renamed = RowChange { after: Some(obj(1, Some("b"), "y")), ..label_only.clone() };
+        let renamed = RowChange {
+            after: Some(obj(1, Some("b"), "y")),
+            ..label_only.clone()
+        };
         assert_eq!(intents(&t, &renamed).len(), 1);
-        let insert = RowChange { op: Op::Insert, before: None, after: Some(obj(1, Some("a"), "x")) };
+        let insert = RowChange {
+            op: Op::Insert,
+            before: None,
+            after: Some(obj(1, Some("a"), "x")),
+        };
         assert_eq!(intents(&t, &insert).len(), 1);
     }
 
     #[test]
     fn ops_filter_and_null_values() {
-        let r = rule("table = \"Object\"\nops = [\"delete\"]\ncache = \"rt\"\nkeys = [\"n:{name}\"]");
+        let r =
+            rule("table = \"Object\"\nops = [\"delete\"]\ncache = \"rt\"\nkeys = [\"n:{name}\"]");
         let t = TableRules::compile("rt.Object", &[&r], cols(&["id", "name", "label"]));
-        let insert = RowChange { op: Op::Insert, before: None, after: Some(obj(1, Some("a"), "x")) };
+        let insert = RowChange {
+            op: Op::Insert,
+            before: None,
+            after: Some(obj(1, Some("a"), "x")),
+        };
         assert!(intents(&t, &insert).is_empty());
-        let delete_unnamed =
-            RowChange { op: Op::Delete, before: Some(obj(1, None, "x")), after: None };
-        assert!(intents(&t, &delete_unnamed).is_empty(), "NULL name: no key exists to purge");
+        let delete_unnamed = RowChange {
+            op: Op::Delete,
+            before: Some(obj(1, None, "x")),
+            after: None,
+        };
+        assert!(
+            intents(&t, &delete_unnamed).is_empty(),
+            "NULL name: no key exists to purge"
+        );
     }
 
     #[test]
     fn a_missing_column_flushes_the_cache_and_is_reported() {
-        let r = rule("table = \"Object\"\nreset_pools = [\"p\"]\ncache = \"rt\"\nkeys = [\"object:{id}\", \"asset:{asset_no}\"]");
+        let r = rule(
+            "table = \"Object\"\nreset_pools = [\"p\"]\ncache = \"rt\"\nkeys = [\"object:{id}\", \"asset:{asset_no}\"]",
+        );
         let t = TableRules::compile("rt.Object", &[&r], cols(&["id", "name", "label"]));
         assert_eq!(t.missing_columns, vec!["asset_no".to_string()]);
-        let del = RowChange { op: Op::Delete, before: Some(obj(7, Some("a"), "x")), after: None };
+        let del = RowChange {
+            op: Op::Delete,
+            before: Some(obj(7, Some("a"), "x")),
+            after: None,
+        };
         assert_eq!(
             intents(&t, &del),
             vec![
                 Intent::ResetPool("p".into()),
                 key("rt", "object:7"),
-                Intent::FlushCache { cache: "rt".into(), reason: "key_underivable" },
+                Intent::FlushCache {
+                    cache: "rt".into(),
+                    reason: "key_underivable"
+                },
             ]
         );
     }

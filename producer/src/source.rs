@@ -90,11 +90,17 @@ struct StreamState {
 
 impl BinlogSource {
     pub fn new(config: Config, metrics: Metrics) -> Result<BinlogSource, SourceError> {
-        let rules = config.rules().map_err(|e| SourceError::RuleDoesNotMatchSchema {
-            table: "?".into(),
-            msg: e.to_string(),
-        })?;
-        Ok(BinlogSource { config, rules, metrics })
+        let rules = config
+            .rules()
+            .map_err(|e| SourceError::RuleDoesNotMatchSchema {
+                table: "?".into(),
+                msg: e.to_string(),
+            })?;
+        Ok(BinlogSource {
+            config,
+            rules,
+            metrics,
+        })
     }
 
     async fn connect(&self) -> Result<Conn, SourceError> {
@@ -104,9 +110,14 @@ impl BinlogSource {
         })?;
         Conn::new(opts).await.map_err(|error| match error {
             mysql_async::Error::Server(ref s) if is_privilege_error(s.code) => {
-                SourceError::MissingPrivilege { msg: s.message.clone() }
+                SourceError::MissingPrivilege {
+                    msg: s.message.clone(),
+                }
             }
-            error => SourceError::Connect { url: self.config.redacted_source_url(), error },
+            error => SourceError::Connect {
+                url: self.config.redacted_source_url(),
+                error,
+            },
         })
     }
 
@@ -178,7 +189,10 @@ impl BinlogSource {
         reason: &'static str,
         output: &mpsc::Sender<Batch>,
     ) -> Result<(), SourceError> {
-        self.metrics.resyncs.get_or_create(&ReasonLabel { reason }).inc();
+        self.metrics
+            .resyncs
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
         let now = crate::now_ms();
         let event = Event {
             schema_version: SCHEMA_VERSION,
@@ -192,10 +206,15 @@ impl BinlogSource {
                 committed_at: now,
             },
             emitted_at: now,
-            body: EventBody::Resync { reason: reason.to_owned() },
+            body: EventBody::Resync {
+                reason: reason.to_owned(),
+            },
         };
         output
-            .send(Batch { position: p.clone(), events: vec![event] })
+            .send(Batch {
+                position: p.clone(),
+                events: vec![event],
+            })
             .await
             .map_err(|_| SourceError::OutputClosed)
     }
@@ -209,7 +228,8 @@ impl BinlogSource {
     ) -> Result<(), SourceError> {
         let mut conn = self.connect().await?;
         let hb_ns = self.config.source.binlog_heartbeat_secs.max(1) * 1_000_000_000;
-        conn.query_drop(format!("SET @master_heartbeat_period = {hb_ns}")).await?;
+        conn.query_drop(format!("SET @master_heartbeat_period = {hb_ns}"))
+            .await?;
         // GTID events instead of fake BEGIN queries, so events carry their GTID.
         conn.query_drop("SET @mariadb_slave_capability = 4").await?;
         let request = BinlogStreamRequest::new(self.config.source.server_id)
@@ -336,7 +356,9 @@ impl BinlogSource {
                 }
                 return Ok(None);
             }
-            MARIADB_ANNOTATE_ROWS | MARIADB_BINLOG_CHECKPOINT | MARIADB_GTID_LIST => return Ok(None),
+            MARIADB_ANNOTATE_ROWS | MARIADB_BINLOG_CHECKPOINT | MARIADB_GTID_LIST => {
+                return Ok(None);
+            }
             _ => {}
         }
         let pos_err = |e: std::io::Error, table: &str| SourceError::Decode {
@@ -349,16 +371,14 @@ impl BinlogSource {
         };
         match data {
             EventData::FormatDescriptionEvent(_) => st.seen_fde = true,
-            EventData::RotateEvent(r) => {
-                // Before the format description the name has the checksum glued on: ignore it.
-                if st.seen_fde {
-                    st.file = r.name().into_owned();
-                    debug!(file = %st.file, "Binlog rotated.");
-                }
+            // Before the format description the name has the checksum glued on: ignore it.
+            EventData::RotateEvent(r) if st.seen_fde => {
+                st.file = r.name().into_owned();
+                debug!(file = %st.file, "Binlog rotated.");
             }
             EventData::TableMapEvent(tme) => {
                 let table_id = tme.table_id();
-                if !st.tables.contains_key(&table_id) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = st.tables.entry(table_id) {
                     let db = tme.database_name();
                     let name = tme.table_name();
                     let rules: Vec<&Rule> = self
@@ -374,7 +394,9 @@ impl BinlogSource {
                             SourceError::InvalidServerSetting {
                                 setting: "binlog_row_metadata",
                                 expected: "FULL",
-                                actual: format!("(no column names in the table map of {qualified})"),
+                                actual: format!(
+                                    "(no column names in the table map of {qualified})"
+                                ),
                             }
                         })?;
                         let t = TableRules::compile(&qualified, &rules, shape);
@@ -383,16 +405,20 @@ impl BinlogSource {
                         }
                         Some(Arc::new(t))
                     };
-                    st.tables.insert(table_id, compiled);
+                    slot.insert(compiled);
                 }
             }
             EventData::RowsEvent(rows) => {
                 let op = match &rows {
-                    RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => Op::Insert,
+                    RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => {
+                        Op::Insert
+                    }
                     RowsEventData::UpdateRowsEventV1(_)
                     | RowsEventData::UpdateRowsEvent(_)
                     | RowsEventData::PartialUpdateRowsEvent(_) => Op::Update,
-                    RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => Op::Delete,
+                    RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => {
+                        Op::Delete
+                    }
                 };
                 let table_id = rows.table_id();
                 let Some(Some(rules)) = st.tables.get(&table_id).cloned() else {
@@ -404,10 +430,10 @@ impl BinlogSource {
                         &rules.table,
                     ));
                 };
-                let counter = self
-                    .metrics
-                    .rows
-                    .get_or_create(&TableOpLabels { table: rules.table.to_string(), op: op.as_str() });
+                let counter = self.metrics.rows.get_or_create(&TableOpLabels {
+                    table: rules.table.to_string(),
+                    op: op.as_str(),
+                });
                 st.batcher.touch(&rules.table, op);
                 for row in rows.rows(tme) {
                     let (before, after) = row.map_err(|e| pos_err(e, &rules.table))?;
@@ -423,7 +449,9 @@ impl BinlogSource {
                     counter.inc();
                 }
             }
-            EventData::XidEvent(_) => return Ok(self.commit(st, header.log_pos(), header.timestamp())),
+            EventData::XidEvent(_) => {
+                return Ok(self.commit(st, header.log_pos(), header.timestamp()));
+            }
             EventData::QueryEvent(q) => {
                 let query = q.query();
                 let trimmed = query.trim();
@@ -459,7 +487,12 @@ impl BinlogSource {
         st.standalone = false;
         st.last_commit_ms = u64::from(timestamp) * 1000;
         for _ in 0..st.batcher.take_escalations() {
-            self.metrics.cache_flushes.get_or_create(&ReasonLabel { reason: "too_many_keys" }).inc();
+            self.metrics
+                .cache_flushes
+                .get_or_create(&ReasonLabel {
+                    reason: "too_many_keys",
+                })
+                .inc();
         }
         if st.batcher.is_empty() {
             st.batcher.clear();
@@ -473,7 +506,10 @@ impl BinlogSource {
             committed_at: st.last_commit_ms,
         };
         let events = st.batcher.finish(&commit, crate::now_ms());
-        Some(Batch { position: st.position.clone(), events })
+        Some(Batch {
+            position: st.position.clone(),
+            events,
+        })
     }
 }
 
@@ -486,15 +522,21 @@ pub async fn check_server(conn: &mut Conn) -> Result<ServerInfo, SourceError> {
              'binlog_transaction_compression', 'server_id', 'version')",
         )
         .await?;
-    let vars: HashMap<String, String> =
-        rows.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    let vars: HashMap<String, String> = rows
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
     let get = |k: &str| vars.get(k).cloned().unwrap_or_default();
     let expect = |setting: &'static str, expected: &'static str| -> Result<(), SourceError> {
         let actual = get(setting);
         if actual.eq_ignore_ascii_case(expected) {
             Ok(())
         } else {
-            Err(SourceError::InvalidServerSetting { setting, expected, actual })
+            Err(SourceError::InvalidServerSetting {
+                setting,
+                expected,
+                actual,
+            })
         }
     };
     expect("log_bin", "ON")?;
@@ -511,7 +553,11 @@ pub async fn check_server(conn: &mut Conn) -> Result<ServerInfo, SourceError> {
     let server_id = get("server_id").parse().unwrap_or(0);
     current_position(conn, server_id).await?;
     let version = get("version");
-    Ok(ServerInfo { server_id, is_mariadb: version.to_ascii_lowercase().contains("mariadb"), version })
+    Ok(ServerInfo {
+        server_id,
+        is_mariadb: version.to_ascii_lowercase().contains("mariadb"),
+        version,
+    })
 }
 
 /// The server's current binlog position.
@@ -537,11 +583,20 @@ pub async fn current_position(conn: &mut Conn, server_id: u32) -> Result<Positio
     let file: String = row.get(0).unwrap_or_default();
     let pos: u64 = row.get(1).unwrap_or_default();
     let gtid = gtid_position(conn).await;
-    Ok(Position { file, pos, gtid, server_id })
+    Ok(Position {
+        file,
+        pos,
+        gtid,
+        server_id,
+    })
 }
 
 async fn gtid_position(conn: &mut Conn) -> Option<String> {
-    conn.query_first::<String, _>("SELECT @@gtid_binlog_pos").await.ok().flatten().filter(|s| !s.is_empty())
+    conn.query_first::<String, _>("SELECT @@gtid_binlog_pos")
+        .await
+        .ok()
+        .flatten()
+        .filter(|s| !s.is_empty())
 }
 
 /// Validate every rule against the live schema: the table exists and has every column the rule

@@ -196,7 +196,9 @@ pub enum DecodeError {
     #[error("malformed event payload: {0}")]
     Malformed(serde_json::Error),
     /// The envelope version is not one this build can read.
-    #[error("unsupported schema_version {0} (this build reads {SCHEMA_VERSION}); upgrade the consumer")]
+    #[error(
+        "unsupported schema_version {0} (this build reads {SCHEMA_VERSION}); upgrade the consumer"
+    )]
     UnsupportedVersion(u32),
 }
 

@@ -2,6 +2,8 @@
 //! Schema (`schemas/event.schema.json`), round-trips through the JSON wire format, and that the
 //! schema really rejects malformed events. Run alone: `cargo test -p rtinval-schemas`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
 use proptest::prelude::*;
 use rtinval_schemas::{
     AVRO_SCHEMA, DecodeError, Event, EventBody, EventKind, JSON_SCHEMA, Op, SCHEMA_VERSION, Source,
@@ -30,10 +32,14 @@ fn sorted_unique(v: Vec<String>) -> Vec<String> {
 
 fn body() -> impl Strategy<Value = EventBody> {
     prop_oneof![
-        prop::collection::vec(name(), 1..4)
-            .prop_map(|p| EventBody::PoolReset { pools: sorted_unique(p) }),
+        prop::collection::vec(name(), 1..4).prop_map(|p| EventBody::PoolReset {
+            pools: sorted_unique(p)
+        }),
         (name(), prop::collection::vec(any::<String>(), 0..6)).prop_map(|(cache, keys)| {
-            EventBody::CacheKeys { cache, keys: sorted_unique(keys) }
+            EventBody::CacheKeys {
+                cache,
+                keys: sorted_unique(keys),
+            }
         }),
         (name(), reason()).prop_map(|(cache, reason)| EventBody::CacheFlush { cache, reason }),
         reason().prop_map(|reason| EventBody::Resync { reason }),
@@ -51,26 +57,30 @@ fn source() -> impl Strategy<Value = Source> {
         prop::collection::vec(("[a-z]{1,8}\\.[A-Za-z]{1,12}", ops), 0..3),
         0u64..1 << 50,
     )
-        .prop_map(|(server_id, gtid, file, pos, tables, committed_at)| Source {
-            server_id,
-            gtid,
-            file,
-            pos: u64::from(pos),
-            tables: tables
-                .into_iter()
-                .map(|(table, ops)| TableChange { table, ops })
-                .collect(),
-            committed_at,
-        })
+        .prop_map(
+            |(server_id, gtid, file, pos, tables, committed_at)| Source {
+                server_id,
+                gtid,
+                file,
+                pos: u64::from(pos),
+                tables: tables
+                    .into_iter()
+                    .map(|(table, ops)| TableChange { table, ops })
+                    .collect(),
+                committed_at,
+            },
+        )
 }
 
 fn event() -> impl Strategy<Value = Event> {
-    (source(), body(), 0usize..10, 0u64..1 << 50).prop_map(|(source, body, seq, emitted_at)| Event {
-        schema_version: SCHEMA_VERSION,
-        id: event_id(source.server_id, &source.file, source.pos, seq),
-        source,
-        emitted_at,
-        body,
+    (source(), body(), 0usize..10, 0u64..1 << 50).prop_map(|(source, body, seq, emitted_at)| {
+        Event {
+            schema_version: SCHEMA_VERSION,
+            id: event_id(source.server_id, &source.file, source.pos, seq),
+            source,
+            emitted_at,
+            body,
+        }
     })
 }
 
@@ -100,7 +110,10 @@ fn sample(body: EventBody) -> Event {
             gtid: Some("0-1-7".into()),
             file: "mariadb-bin.000001".into(),
             pos: 4,
-            tables: vec![TableChange { table: "racktables.Object".into(), ops: vec![Op::Update] }],
+            tables: vec![TableChange {
+                table: "racktables.Object".into(),
+                ops: vec![Op::Update],
+            }],
             committed_at: 1_700_000_000_000,
         },
         emitted_at: 1_700_000_000_123,
@@ -111,10 +124,20 @@ fn sample(body: EventBody) -> Event {
 #[test]
 fn every_kind_is_covered_by_the_sample_set() {
     let bodies = [
-        EventBody::PoolReset { pools: vec!["rtapi".into()] },
-        EventBody::CacheKeys { cache: "rt".into(), keys: vec!["object:42".into()] },
-        EventBody::CacheFlush { cache: "rt".into(), reason: "too_many_keys".into() },
-        EventBody::Resync { reason: "position_lost".into() },
+        EventBody::PoolReset {
+            pools: vec!["rtapi".into()],
+        },
+        EventBody::CacheKeys {
+            cache: "rt".into(),
+            keys: vec!["object:42".into()],
+        },
+        EventBody::CacheFlush {
+            cache: "rt".into(),
+            reason: "too_many_keys".into(),
+        },
+        EventBody::Resync {
+            reason: "position_lost".into(),
+        },
         EventBody::Heartbeat { source_time: 1 },
     ];
     let kinds: Vec<EventKind> = bodies.iter().map(EventBody::kind).collect();
@@ -131,9 +154,13 @@ fn every_kind_is_covered_by_the_sample_set() {
 #[test]
 fn schema_rejects_malformed_events() {
     let v = validator();
-    let good: serde_json::Value =
-        serde_json::from_slice(&sample(EventBody::PoolReset { pools: vec!["rtapi".into()] }).to_json())
-            .unwrap();
+    let good: serde_json::Value = serde_json::from_slice(
+        &sample(EventBody::PoolReset {
+            pools: vec!["rtapi".into()],
+        })
+        .to_json(),
+    )
+    .unwrap();
     assert!(v.is_valid(&good));
 
     let mut unknown_kind = good.clone();
@@ -146,7 +173,10 @@ fn schema_rejects_malformed_events() {
 
     let mut foreign_field = good.clone();
     foreign_field["keys"] = serde_json::json!(["x"]);
-    assert!(!v.is_valid(&foreign_field), "a pool_reset must not carry keys");
+    assert!(
+        !v.is_valid(&foreign_field),
+        "a pool_reset must not carry keys"
+    );
 
     let mut bad_version = good;
     bad_version["schema_version"] = 2.into();
@@ -156,7 +186,8 @@ fn schema_rejects_malformed_events() {
 #[test]
 fn decoding_reports_version_and_garbage_distinctly() {
     let mut json: serde_json::Value =
-        serde_json::from_slice(&sample(EventBody::Resync { reason: "x".into() }).to_json()).unwrap();
+        serde_json::from_slice(&sample(EventBody::Resync { reason: "x".into() }).to_json())
+            .unwrap();
     json["schema_version"] = 9.into();
     let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
     assert!(matches!(err, DecodeError::UnsupportedVersion(9)), "{err}");
@@ -173,11 +204,20 @@ fn avro_schema_has_a_branch_per_kind() {
         .iter()
         .find(|f| f["name"] == "body")
         .expect("body field");
-    let names: Vec<&str> =
-        body["type"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = body["type"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
     let expected: Vec<String> = EventKind::ALL
         .iter()
-        .map(|k| k.as_str().split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect())
+        .map(|k| {
+            k.as_str()
+                .split('_')
+                .map(|w| w[..1].to_uppercase() + &w[1..])
+                .collect()
+        })
         .collect();
     assert_eq!(names, expected);
 }

@@ -33,7 +33,10 @@ pub struct Stack {
 
 /// The workspace root (where `scripts/` lives).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 impl Stack {
@@ -56,7 +59,11 @@ impl Stack {
                     *v = e;
                 }
             }
-            let get = |k: &str| vars.get(k).cloned().unwrap_or_else(|| panic!("scripts/stack env does not set {k}"));
+            let get = |k: &str| {
+                vars.get(k)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("scripts/stack env does not set {k}"))
+            };
             Stack {
                 mysql_url: get("RTINVAL_MYSQL_URL"),
                 mysql_admin_url: get("RTINVAL_MYSQL_ADMIN_URL"),
@@ -104,24 +111,36 @@ impl TestDb {
         let name = format!("rtt_{}", unique(base));
         let admin = mysql_async::Pool::new(stack.mysql_admin_url.as_str());
         let mut conn = admin.get_conn().await.unwrap_or_else(|e| {
-            panic!("cannot connect to MariaDB at {}: {e}; is the stack up? (scripts/stack up)", stack.mysql_admin_url)
+            panic!(
+                "cannot connect to MariaDB at {}: {e}; is the stack up? (scripts/stack up)",
+                stack.mysql_admin_url
+            )
         });
-        conn.query_drop(format!("CREATE DATABASE `{name}`")).await.expect("create database");
+        conn.query_drop(format!("CREATE DATABASE `{name}`"))
+            .await
+            .expect("create database");
         conn.query_drop(format!("USE `{name}`")).await.expect("use");
         for stmt in split_sql(schema_sql) {
-            conn.query_drop(stmt).await.unwrap_or_else(|e| panic!("schema statement failed: {e}\n{stmt}"));
+            conn.query_drop(stmt)
+                .await
+                .unwrap_or_else(|e| panic!("schema statement failed: {e}\n{stmt}"));
         }
         drop(conn);
         admin.disconnect().await.ok();
         let url = format!("{}/{name}", stack.mysql_admin_url);
-        TestDb { name, pool: mysql_async::Pool::new(url.as_str()) }
+        TestDb {
+            name,
+            pool: mysql_async::Pool::new(url.as_str()),
+        }
     }
 
     /// Run SQL statements (separated by `;`) in one session.
     pub async fn exec(&self, sql: &str) {
         let mut conn = self.pool.get_conn().await.expect("connection");
         for stmt in split_sql(sql) {
-            conn.query_drop(stmt).await.unwrap_or_else(|e| panic!("statement failed: {e}\n{stmt}"));
+            conn.query_drop(stmt)
+                .await
+                .unwrap_or_else(|e| panic!("statement failed: {e}\n{stmt}"));
         }
     }
 }
@@ -131,7 +150,10 @@ pub fn split_sql(sql: &str) -> Vec<&str> {
     sql.split(";\n")
         .map(str::trim)
         .map(|s| s.trim_end_matches(';'))
-        .filter(|s| !s.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with("--")))
+        .filter(|s| {
+            !s.lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with("--"))
+        })
         .collect()
 }
 
@@ -153,7 +175,11 @@ impl Proc {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name: name.to_owned(), child, log }
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -172,7 +198,10 @@ impl Proc {
 
     /// SIGTERM and wait up to `timeout` for exit; returns the status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(s) = self.try_exit() {
@@ -193,7 +222,11 @@ impl Drop for Proc {
         if std::thread::panicking() {
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            eprintln!("----- last lines of {} ({}) -----", self.name, self.log.display());
+            eprintln!(
+                "----- last lines of {} ({}) -----",
+                self.name,
+                self.log.display()
+            );
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");
             }
@@ -215,13 +248,22 @@ impl StandInPool {
         let script = workspace_root().join("tests/fixtures/stand-in-pool.sh");
         let proc = Proc::spawn(
             name,
-            Command::new("bash").arg(script).arg(&reload_log).arg(&pidfile),
+            Command::new("bash")
+                .arg(script)
+                .arg(&reload_log)
+                .arg(&pidfile),
             dir.join(format!("{name}.log")),
         );
         wait_sync("stand-in pool pidfile", Duration::from_secs(10), || {
-            std::fs::read_to_string(&pidfile).ok().filter(|s| !s.trim().is_empty())
+            std::fs::read_to_string(&pidfile)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
         });
-        StandInPool { proc, pidfile, reload_log }
+        StandInPool {
+            proc,
+            pidfile,
+            reload_log,
+        }
     }
 
     /// Reloads recorded so far.
@@ -237,7 +279,10 @@ pub fn wait_sync<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -253,25 +298,38 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Minimal HTTP GET on loopback: (status, body), or `None` when nothing answers.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -282,5 +340,7 @@ pub async fn redis() -> redis::aio::MultiplexedConnection {
         .expect("redis url")
         .get_multiplexed_async_connection()
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}; is the stack up? (scripts/stack up)"))
+        .unwrap_or_else(|e| {
+            panic!("cannot connect to Redis at {url}: {e}; is the stack up? (scripts/stack up)")
+        })
 }

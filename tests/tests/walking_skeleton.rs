@@ -6,12 +6,16 @@
 //! Needs `scripts/stack up` and the binaries built (`scripts/test` does both). Run alone:
 //! `cargo test -p rtinval-tests --test walking_skeleton`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use rtinval_tests::{Proc, StandInPool, Stack, TestDb, bin, free_port, http_get, redis, unique, wait_for, wait_sync};
+use rtinval_tests::{
+    Proc, Stack, StandInPool, TestDb, bin, free_port, http_get, redis, unique, wait_for, wait_sync,
+};
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
 const RULES: &str = include_str!("../fixtures/racktables/rules.toml");
@@ -20,7 +24,9 @@ const RULES: &str = include_str!("../fixtures/racktables/rules.toml");
 /// connection when another registers with the same id).
 fn server_id() -> u32 {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    1_000_000 + (std::process::id() % 100_000) * 10 + N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    1_000_000
+        + (std::process::id() % 100_000) * 10
+        + N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn producer_config(db: &str, prefix: &str) -> String {
@@ -54,32 +60,62 @@ async fn exists(r: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
 async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create("skeleton", SCHEMA).await;
-    let values: Vec<String> = (1..=600).map(|i| format!("('srv-{i}', 'label {i}')")).collect();
-    db.exec(&format!("INSERT INTO Object (name, label) VALUES {}", values.join(", "))).await;
+    let values: Vec<String> = (1..=600)
+        .map(|i| format!("('srv-{i}', 'label {i}')"))
+        .collect();
+    db.exec(&format!(
+        "INSERT INTO Object (name, label) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
 
     let prefix = unique("skel");
     let pool = StandInPool::start(dir.path(), "rtapi");
     let http = format!("127.0.0.1:{}", free_port());
-    std::fs::write(dir.path().join("producer.toml"), producer_config(&db.name, &prefix)).unwrap();
-    std::fs::write(dir.path().join("consumer.toml"), consumer_config(&prefix, &http, &pool.pidfile)).unwrap();
+    std::fs::write(
+        dir.path().join("producer.toml"),
+        producer_config(&db.name, &prefix),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("consumer.toml"),
+        consumer_config(&prefix, &http, &pool.pidfile),
+    )
+    .unwrap();
 
     let mut producer = Proc::spawn(
         "rtinval-producer",
-        Command::new(bin("rtinval-producer")).arg("--config").arg(dir.path().join("producer.toml")),
+        Command::new(bin("rtinval-producer"))
+            .arg("--config")
+            .arg(dir.path().join("producer.toml")),
         dir.path().join("producer.log"),
     );
     let mut consumer = Proc::spawn(
         "rtinval-consumer",
-        Command::new(bin("rtinval-consumer")).arg("--config").arg(dir.path().join("consumer.toml")).arg("run"),
+        Command::new(bin("rtinval-consumer"))
+            .arg("--config")
+            .arg(dir.path().join("consumer.toml"))
+            .arg("run"),
         dir.path().join("consumer.log"),
     );
     // Ready = consuming (after its initial resync, since the group is new) and heartbeats flow.
     wait_sync("consumer /readyz", Duration::from_secs(60), || {
-        assert!(producer.try_exit().is_none(), "producer exited:\n{}", producer.log_text());
-        assert!(consumer.try_exit().is_none(), "consumer exited:\n{}", consumer.log_text());
+        assert!(
+            producer.try_exit().is_none(),
+            "producer exited:\n{}",
+            producer.log_text()
+        );
+        assert!(
+            consumer.try_exit().is_none(),
+            "consumer exited:\n{}",
+            consumer.log_text()
+        );
         http_get(&http, "/readyz").filter(|(s, _)| *s == 200)
     });
-    assert!(consumer.log_text().contains("no_committed_offset"), "a new node resyncs first");
+    assert!(
+        consumer.log_text().contains("no_committed_offset"),
+        "a new node resyncs first"
+    );
     let base = wait_sync("the initial resync reload", Duration::from_secs(10), || {
         let n = pool.reloads();
         (n >= 1).then_some(n)
@@ -88,29 +124,52 @@ async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction()
     // Seed the node's cache.
     let mut r = redis().await;
     let k = |s: &str| format!("{prefix}:{s}");
-    let mut seeded = vec![k("object:1"), k("object_name:srv-1"), k("object:2"), k("object_name:srv-2"), k("rack:9")];
+    let mut seeded = vec![
+        k("object:1"),
+        k("object_name:srv-1"),
+        k("object:2"),
+        k("object_name:srv-2"),
+        k("rack:9"),
+    ];
     seeded.extend((3..=502).map(|i| k(&format!("object:{i}"))));
     for key in &seeded {
         let _: () = r.set(key, "cached").await.unwrap();
     }
 
     // 1. Renaming object 1 purges its id key and its old name key, nothing else.
-    db.exec("UPDATE Object SET name = 'srv-1-renamed' WHERE id = 1").await;
-    wait_for("object:1 and object_name:srv-1 purged", Duration::from_secs(20), || {
-        let mut r = r.clone();
-        let (a, b) = (k("object:1"), k("object_name:srv-1"));
-        async move { (!exists(&mut r, &a).await && !exists(&mut r, &b).await).then_some(()) }
-    })
+    db.exec("UPDATE Object SET name = 'srv-1-renamed' WHERE id = 1")
+        .await;
+    wait_for(
+        "object:1 and object_name:srv-1 purged",
+        Duration::from_secs(20),
+        || {
+            let mut r = r.clone();
+            let (a, b) = (k("object:1"), k("object_name:srv-1"));
+            async move { (!exists(&mut r, &a).await && !exists(&mut r, &b).await).then_some(()) }
+        },
+    )
     .await;
     for untouched in [k("object:2"), k("object_name:srv-2"), k("rack:9")] {
-        assert!(exists(&mut r, &untouched).await, "{untouched} must not be purged");
+        assert!(
+            exists(&mut r, &untouched).await,
+            "{untouched} must not be purged"
+        );
     }
     // The Object rule also resets the pool.
-    wait_sync("reload after the Object update", Duration::from_secs(10), || (pool.reloads() == base + 1).then_some(()));
+    wait_sync(
+        "reload after the Object update",
+        Duration::from_secs(10),
+        || (pool.reloads() == base + 1).then_some(()),
+    );
 
     // 2. A TagTree insert reloads the pool once.
-    db.exec("INSERT INTO TagTree (tag) VALUES ('production')").await;
-    wait_sync("reload after the TagTree insert", Duration::from_secs(20), || (pool.reloads() == base + 2).then_some(()));
+    db.exec("INSERT INTO TagTree (tag) VALUES ('production')")
+        .await;
+    wait_sync(
+        "reload after the TagTree insert",
+        Duration::from_secs(20),
+        || (pool.reloads() == base + 2).then_some(()),
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(pool.reloads(), base + 2, "one TagTree insert, one reload");
 
@@ -125,12 +184,35 @@ async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction()
         }
     })
     .await;
-    wait_sync("reload after the 500-row transaction", Duration::from_secs(20), || (pool.reloads() >= base + 3).then_some(()));
+    wait_sync(
+        "reload after the 500-row transaction",
+        Duration::from_secs(20),
+        || (pool.reloads() >= base + 3).then_some(()),
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(pool.reloads(), base + 3, "a 500-row transaction must cause one reload, not 500");
-    assert!(exists(&mut r, &k("rack:9")).await, "unrelated key survives everything");
+    assert_eq!(
+        pool.reloads(),
+        base + 3,
+        "a 500-row transaction must cause one reload, not 500"
+    );
+    assert!(
+        exists(&mut r, &k("rack:9")).await,
+        "unrelated key survives everything"
+    );
 
     // Both stop cleanly on SIGTERM.
-    assert_eq!(consumer.terminate(Duration::from_secs(15)).and_then(|s| s.code()), Some(0), "consumer exit");
-    assert_eq!(producer.terminate(Duration::from_secs(15)).and_then(|s| s.code()), Some(0), "producer exit");
+    assert_eq!(
+        consumer
+            .terminate(Duration::from_secs(15))
+            .and_then(|s| s.code()),
+        Some(0),
+        "consumer exit"
+    );
+    assert_eq!(
+        producer
+            .terminate(Duration::from_secs(15))
+            .and_then(|s| s.code()),
+        Some(0),
+        "producer exit"
+    );
 }

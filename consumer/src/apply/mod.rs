@@ -31,7 +31,10 @@ pub struct Applier {
 
 impl Applier {
     pub fn inventory(&self) -> Inventory {
-        Inventory { pools: self.pools.keys().cloned().collect(), caches: self.caches.keys().cloned().collect() }
+        Inventory {
+            pools: self.pools.keys().cloned().collect(),
+            caches: self.caches.keys().cloned().collect(),
+        }
     }
 
     /// A future that applies `actions` and resolves when all are applied.
@@ -54,7 +57,9 @@ impl Applier {
                 None => async { Ok(()) }.boxed(),
             },
             Action::PurgeKeys { cache, keys } => {
-                let Some(c) = self.caches.get(&cache).cloned() else { return async { Ok(()) }.boxed() };
+                let Some(c) = self.caches.get(&cache).cloned() else {
+                    return async { Ok(()) }.boxed();
+                };
                 let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
                 async move {
                     retry(&shutdown, || c.purge(&keys)).await?;
@@ -64,7 +69,9 @@ impl Applier {
                 .boxed()
             }
             Action::FlushCache(cache) => {
-                let Some(c) = self.caches.get(&cache).cloned() else { return async { Ok(()) }.boxed() };
+                let Some(c) = self.caches.get(&cache).cloned() else {
+                    return async { Ok(()) }.boxed();
+                };
                 let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
                 async move {
                     retry(&shutdown, || c.flush()).await?;

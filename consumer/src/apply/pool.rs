@@ -64,31 +64,49 @@ pub fn reloader(name: &str, c: &PoolConfig) -> Result<ReloadFn, String> {
     }
 }
 
-async fn send_signal(pool: &str, pidfile: &str, signal: nix::sys::signal::Signal) -> Result<(), ReloadError> {
-    let text = tokio::fs::read_to_string(pidfile).await.map_err(|e| ReloadError::Pidfile {
-        pool: pool.to_owned(),
-        path: pidfile.to_owned(),
-        error: e.to_string(),
-    })?;
+async fn send_signal(
+    pool: &str,
+    pidfile: &str,
+    signal: nix::sys::signal::Signal,
+) -> Result<(), ReloadError> {
+    let text = tokio::fs::read_to_string(pidfile)
+        .await
+        .map_err(|e| ReloadError::Pidfile {
+            pool: pool.to_owned(),
+            path: pidfile.to_owned(),
+            error: e.to_string(),
+        })?;
     let pid: i32 = text.trim().parse().map_err(|_| ReloadError::Pidfile {
         pool: pool.to_owned(),
         path: pidfile.to_owned(),
         error: format!("not a PID: {:?}", text.trim()),
     })?;
     if pid <= 1 {
-        return Err(ReloadError::Pidfile { pool: pool.to_owned(), path: pidfile.to_owned(), error: format!("refusing to signal pid {pid}") });
+        return Err(ReloadError::Pidfile {
+            pool: pool.to_owned(),
+            path: pidfile.to_owned(),
+            error: format!("refusing to signal pid {pid}"),
+        });
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| ReloadError::Signal {
-        pool: pool.to_owned(),
-        signal: signal.to_string(),
-        pid,
-        error: e.to_string(),
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| {
+        ReloadError::Signal {
+            pool: pool.to_owned(),
+            signal: signal.to_string(),
+            pid,
+            error: e.to_string(),
+        }
     })
 }
 
 async fn run_command(pool: &str, argv: &[String], timeout: Duration) -> Result<(), ReloadError> {
-    let err = |error: String| ReloadError::Command { pool: pool.to_owned(), command: argv.join(" "), error };
-    let (program, args) = argv.split_first().ok_or_else(|| err("empty command".into()))?;
+    let err = |error: String| ReloadError::Command {
+        pool: pool.to_owned(),
+        command: argv.join(" "),
+        error,
+    };
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| err("empty command".into()))?;
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -96,7 +114,10 @@ async fn run_command(pool: &str, argv: &[String], timeout: Duration) -> Result<(
         .spawn()
         .map_err(|e| err(e.to_string()))?;
     match tokio::time::timeout(timeout, child.wait()).await {
-        Err(_) => Err(err(format!("timed out after {} s (killed)", timeout.as_secs()))),
+        Err(_) => Err(err(format!(
+            "timed out after {} s (killed)",
+            timeout.as_secs()
+        ))),
         Ok(Err(e)) => Err(err(e.to_string())),
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(err(format!("exited with {status}"))),
@@ -128,10 +149,27 @@ pub struct Debouncer {
 
 impl Debouncer {
     /// Start the debouncer task of pool `name`.
-    pub fn spawn(name: &str, timing: Timing, reload: ReloadFn, metrics: Metrics, shutdown: CancellationToken) -> Debouncer {
+    pub fn spawn(
+        name: &str,
+        timing: Timing,
+        reload: ReloadFn,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Debouncer {
         let (completed, _) = watch::channel(0);
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Notify::new(), completed });
-        tokio::spawn(run(name.to_owned(), timing, reload, metrics, shared.clone(), shutdown.clone()));
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            completed,
+        });
+        tokio::spawn(run(
+            name.to_owned(),
+            timing,
+            reload,
+            metrics,
+            shared.clone(),
+            shutdown.clone(),
+        ));
         Debouncer { shared, shutdown }
     }
 
@@ -258,7 +296,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_burst_coalesces_and_the_last_reload_follows_the_last_request() {
         let times = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let d = Debouncer::spawn("p", timing(200, 1000, 0), counting(times.clone()), Metrics::new(), CancellationToken::new());
+        let d = Debouncer::spawn(
+            "p",
+            timing(200, 1000, 0),
+            counting(times.clone()),
+            Metrics::new(),
+            CancellationToken::new(),
+        );
         let start = Instant::now();
         let mut waits = Vec::new();
         // 10,000 requests over one second (ten per millisecond: the timer's resolution).
@@ -274,7 +318,10 @@ mod tests {
         }
         let times = times.lock().unwrap().clone();
         assert!(times.len() <= 3, "{} reloads", times.len());
-        assert!(*times.last().unwrap() >= last_request, "last reload after the last request");
+        assert!(
+            *times.last().unwrap() >= last_request,
+            "last reload after the last request"
+        );
         // max_delay bounds the first reload.
         assert!(times[0] - start <= Duration::from_millis(1000) + Duration::from_millis(1));
     }
@@ -282,7 +329,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_single_request_waits_the_debounce_window() {
         let times = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let d = Debouncer::spawn("p", timing(200, 1000, 0), counting(times.clone()), Metrics::new(), CancellationToken::new());
+        let d = Debouncer::spawn(
+            "p",
+            timing(200, 1000, 0),
+            counting(times.clone()),
+            Metrics::new(),
+            CancellationToken::new(),
+        );
         let start = Instant::now();
         d.request().await.unwrap();
         let times = times.lock().unwrap().clone();
@@ -293,7 +346,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn min_interval_spaces_reloads() {
         let times = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let d = Debouncer::spawn("p", timing(10, 100, 500), counting(times.clone()), Metrics::new(), CancellationToken::new());
+        let d = Debouncer::spawn(
+            "p",
+            timing(10, 100, 500),
+            counting(times.clone()),
+            Metrics::new(),
+            CancellationToken::new(),
+        );
         d.request().await.unwrap();
         d.request().await.unwrap();
         let times = times.lock().unwrap().clone();
@@ -309,13 +368,23 @@ mod tests {
             let c = c.clone();
             Box::pin(async move {
                 if c.fetch_add(1, Ordering::SeqCst) < 2 {
-                    Err(ReloadError::Command { pool: "p".into(), command: "x".into(), error: "boom".into() })
+                    Err(ReloadError::Command {
+                        pool: "p".into(),
+                        command: "x".into(),
+                        error: "boom".into(),
+                    })
                 } else {
                     Ok(())
                 }
             })
         });
-        let d = Debouncer::spawn("p", timing(10, 100, 0), flaky, Metrics::new(), CancellationToken::new());
+        let d = Debouncer::spawn(
+            "p",
+            timing(10, 100, 0),
+            flaky,
+            Metrics::new(),
+            CancellationToken::new(),
+        );
         d.request().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
@@ -323,7 +392,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_interrupts_a_waiting_request() {
         let never: ReloadFn = Arc::new(|| {
-            Box::pin(async { Err(ReloadError::Command { pool: "p".into(), command: "x".into(), error: "down".into() }) })
+            Box::pin(async {
+                Err(ReloadError::Command {
+                    pool: "p".into(),
+                    command: "x".into(),
+                    error: "down".into(),
+                })
+            })
         });
         let sd = CancellationToken::new();
         let d = Debouncer::spawn("p", timing(10, 100, 0), never, Metrics::new(), sd.clone());
@@ -346,13 +421,24 @@ mod tests {
             min_interval_ms: 0,
         };
         assert!(reloader("p", &ok).unwrap()().await.is_ok());
-        let fail = PoolConfig { command: vec!["false".into()], ..ok.clone() };
+        let fail = PoolConfig {
+            command: vec!["false".into()],
+            ..ok.clone()
+        };
         let e = reloader("p", &fail).unwrap()().await.unwrap_err();
         assert!(e.to_string().contains("exited with"), "{e}");
-        let slow = PoolConfig { command: vec!["sleep".into(), "5".into()], timeout_secs: 1, ..ok.clone() };
+        let slow = PoolConfig {
+            command: vec!["sleep".into(), "5".into()],
+            timeout_secs: 1,
+            ..ok.clone()
+        };
         let e = reloader("p", &slow).unwrap()().await.unwrap_err();
         assert!(e.to_string().contains("timed out"), "{e}");
-        let missing = PoolConfig { reload: ReloadKind::Signal, pidfile: Some("/nonexistent/x.pid".into()), ..ok };
+        let missing = PoolConfig {
+            reload: ReloadKind::Signal,
+            pidfile: Some("/nonexistent/x.pid".into()),
+            ..ok
+        };
         let e = reloader("p", &missing).unwrap()().await.unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.pid"), "{e}");
     }
