@@ -46,6 +46,10 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings (e.g. `"security.protocol" = "ssl"`).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// If set, undecodable messages are copied here (with origin topic, partition, offset and
+    /// the error in headers) before the node resyncs. Created if missing.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// Node-level settings.
@@ -59,9 +63,7 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig {
-            max_staleness_secs: default_max_staleness_secs(),
-        }
+        NodeConfig { max_staleness_secs: default_max_staleness_secs() }
     }
 }
 
@@ -76,9 +78,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            listen: default_listen(),
-        }
+        HttpConfig { listen: default_listen() }
     }
 }
 
@@ -86,7 +86,8 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// `signal` (send `signal` to the PID in `pidfile`) or `command` (run `command`).
+    /// `signal` (send `signal` to the PID in `pidfile`), `command` (run `command`, exit 0 =
+    /// success) or `http` (call `url` with `method`, 2xx = success).
     pub reload: ReloadKind,
     /// For `signal`: file holding the PID of the pool's master process.
     #[serde(default)]
@@ -97,7 +98,13 @@ pub struct PoolConfig {
     /// For `command`: argv, e.g. `["systemctl", "reload", "php8.2-fpm"]`; exit 0 = success.
     #[serde(default)]
     pub command: Vec<String>,
-    /// For `command`: seconds before the command is killed and the reload counts as failed.
+    /// For `http`: URL to call, `http://host:port/path` (a local reload endpoint; no TLS).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// For `http`: request method.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// For `command` and `http`: seconds before the reload counts as failed (a command is killed).
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
     /// Requests within this many ms of each other coalesce into one reload.
@@ -117,23 +124,49 @@ pub struct PoolConfig {
 pub enum ReloadKind {
     Signal,
     Command,
+    Http,
 }
 
 /// A node-local cache.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// Cache server kind: `redis`.
+    /// Cache server kind: `redis` or `memcached`.
     pub kind: CacheKind,
-    /// `redis://[:password@]host:port[/db]`.
+    /// Redis: `redis://[:password@]host:port[/db]`. memcached: `memcached://host:port`,
+    /// `host:port` or `unix:///path`.
     pub url: String,
     /// Prepended to every key from events (the application's key prefix).
     #[serde(default)]
     pub prefix: String,
-    /// How to flush the whole cache: `prefix` (SCAN + UNLINK of `prefix*`) or `flushdb`
-    /// (only when the cache owns its Redis database).
-    #[serde(default = "default_flush")]
-    pub flush: FlushMode,
+    /// How to flush the whole cache. Redis: `prefix` (default; SCAN + UNLINK of `prefix*`) or
+    /// `flushdb` (only when the cache owns its database). memcached: `flush_all` (the only way).
+    #[serde(default)]
+    pub flush: Option<FlushMode>,
+    /// If set, purge the same keys again this many ms after the first purge: closes the race
+    /// where a worker read the old row before the commit and writes it back after the purge.
+    /// The message's offset is committed after the second purge.
+    #[serde(default)]
+    pub second_purge_ms: u64,
+}
+
+impl CacheConfig {
+    /// The flush mode, defaulted by kind.
+    pub fn flush_mode(&self) -> FlushMode {
+        self.flush.unwrap_or(match self.kind {
+            CacheKind::Redis => FlushMode::Prefix,
+            CacheKind::Memcached => FlushMode::FlushAll,
+        })
+    }
+
+    /// The memcached address in the form the client takes (`tcp://host:port`, `unix://path`).
+    pub fn memcached_addr(&self) -> String {
+        match self.url.strip_prefix("memcached://") {
+            Some(rest) => format!("tcp://{rest}"),
+            None if self.url.contains("://") => self.url.clone(),
+            None => format!("tcp://{}", self.url),
+        }
+    }
 }
 
 /// Cache kinds.
@@ -141,6 +174,7 @@ pub struct CacheConfig {
 #[serde(rename_all = "snake_case")]
 pub enum CacheKind {
     Redis,
+    Memcached,
 }
 
 /// Whole-cache flush strategies.
@@ -149,6 +183,7 @@ pub enum CacheKind {
 pub enum FlushMode {
     Prefix,
     Flushdb,
+    FlushAll,
 }
 
 fn default_topic_prefix() -> String {
@@ -166,27 +201,23 @@ fn default_signal() -> String {
 fn default_timeout_secs() -> u64 {
     30
 }
+fn default_method() -> String {
+    "POST".to_owned()
+}
 fn default_debounce_ms() -> u64 {
     200
 }
 fn default_max_delay_ms() -> u64 {
     2000
 }
-fn default_flush() -> FlushMode {
-    FlushMode::Prefix
-}
 
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.display().to_string(),
-            error: e,
-        })?;
-        let mut config = Config::parse(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            error: e,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), error: e })?;
+        let mut config = Config::parse(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), error: e })?;
         if let Ok(password) = std::env::var("RTINVAL_REDIS_PASSWORD") {
             for cache in config.caches.values_mut() {
                 cache.url = with_redis_password(&cache.url, &password);
@@ -216,6 +247,17 @@ impl Config {
                     parse_signal(&p.signal)
                         .map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
                 }
+                ReloadKind::Http => {
+                    let url = p.url.as_deref().unwrap_or("");
+                    crate::apply::http::HttpTarget::parse(url)
+                        .map_err(|e| ConfigError::Invalid(format!("pools.{name}: url: {e}")))?;
+                    if !p.method.chars().all(|c| c.is_ascii_uppercase()) || p.method.is_empty() {
+                        return invalid(format!(
+                            "pools.{name}: method {:?} must be an HTTP method like POST",
+                            p.method
+                        ));
+                    }
+                }
                 ReloadKind::Command => {
                     if p.command.is_empty() {
                         return invalid(format!(
@@ -232,13 +274,37 @@ impl Config {
             }
         }
         for (name, c) in &self.caches {
-            if redis::Client::open(c.url.as_str()).is_err() {
-                return invalid(format!(
-                    "caches.{name}: url {:?} is not a redis:// URL",
-                    redact_url(&c.url)
-                ));
+            match (c.kind, c.flush_mode()) {
+                (CacheKind::Redis, FlushMode::FlushAll) => {
+                    return invalid(format!(
+                        "caches.{name}: flush = \"flush_all\" is for memcached; Redis uses \"prefix\" or \"flushdb\""
+                    ));
+                }
+                (CacheKind::Memcached, FlushMode::Prefix | FlushMode::Flushdb) => {
+                    return invalid(format!(
+                        "caches.{name}: memcached can only flush everything: use flush = \"flush_all\" (or leave it out)"
+                    ));
+                }
+                _ => {}
             }
-            if c.flush == FlushMode::Prefix && c.prefix.is_empty() {
+            if c.kind == CacheKind::Redis && redis::Client::open(c.url.as_str()).is_err() {
+                return invalid(format!("caches.{name}: url {:?} is not a redis:// URL", redact_url(&c.url)));
+            }
+            if c.kind == CacheKind::Memcached {
+                let addr = c.memcached_addr();
+                let ok = addr.starts_with("unix://")
+                    || addr
+                        .strip_prefix("tcp://")
+                        .and_then(|a| a.rsplit_once(':'))
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if !ok {
+                    return invalid(format!(
+                        "caches.{name}: url {:?} is not memcached://host:port, host:port or unix:///path",
+                        c.url
+                    ));
+                }
+            }
+            if c.kind == CacheKind::Redis && c.flush_mode() == FlushMode::Prefix && c.prefix.is_empty() {
                 tracing::warn!(cache = %name, "flush = \"prefix\" with an empty prefix flushes every key of the database by SCAN; set a prefix or flush = \"flushdb\".");
             }
         }
@@ -266,13 +332,8 @@ impl Config {
 /// `USR2`, `SIGUSR2`, `hup` → a signal.
 pub fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
     let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    full.parse()
-        .map_err(|_| format!("unknown signal {name:?} (use e.g. USR2, HUP, TERM)"))
+    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    full.parse().map_err(|_| format!("unknown signal {name:?} (use e.g. USR2, HUP, TERM)"))
 }
 
 fn with_redis_password(url: &str, password: &str) -> String {
@@ -315,7 +376,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.pools["rtapi"].signal, "USR2");
-        assert_eq!(c.caches["rt"].flush, FlushMode::Prefix);
+        assert_eq!(c.caches["rt"].flush_mode(), FlushMode::Prefix);
         assert!(c.group_id().starts_with("rtinval-consumer-"));
     }
 
@@ -323,10 +384,8 @@ mod tests {
     fn clear_errors() {
         let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\n")).unwrap_err();
         assert!(e.contains("needs pidfile"), "{e}");
-        let e = check(&format!(
-            "{BASE}[pools.p]\nreload = \"signal\"\npidfile = \"x\"\nsignal = \"NOPE\"\n"
-        ))
-        .unwrap_err();
+        let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\npidfile = \"x\"\nsignal = \"NOPE\"\n"))
+            .unwrap_err();
         assert!(e.contains("unknown signal"), "{e}");
         let e = check(&format!("{BASE}[pools.p]\nreload = \"command\"\n")).unwrap_err();
         assert!(e.contains("needs command"), "{e}");
@@ -334,27 +393,36 @@ mod tests {
         assert!(e.contains("restart"), "{e}");
         let e = check(BASE).unwrap_err();
         assert!(e.contains("apply nothing"), "{e}");
-        let e = check(&format!(
-            "{BASE}[caches.c]\nkind = \"redis\"\nurl = \"http://x\"\n"
-        ))
-        .unwrap_err();
+        let e = check(&format!("{BASE}[caches.c]\nkind = \"redis\"\nurl = \"http://x\"\n")).unwrap_err();
         assert!(e.contains("redis://"), "{e}");
     }
 
     #[test]
+    fn memcached_caches() {
+        let c = check(&format!(
+            "{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"memcached://127.0.0.1:11211\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.caches["m"].flush_mode(), FlushMode::FlushAll);
+        assert_eq!(c.caches["m"].memcached_addr(), "tcp://127.0.0.1:11211");
+        let e =
+            check(&format!("{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"h:1\"\nflush = \"prefix\"\n"))
+                .unwrap_err();
+        assert!(e.contains("flush_all"), "{e}");
+        let e = check(&format!("{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"nohost\"\n")).unwrap_err();
+        assert!(e.contains("memcached://host:port"), "{e}");
+        let e = check(&format!(
+            "{BASE}[caches.r]\nkind = \"redis\"\nurl = \"redis://h:1\"\nflush = \"flush_all\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("for memcached"), "{e}");
+    }
+
+    #[test]
     fn signals_and_passwords() {
-        assert_eq!(
-            parse_signal("usr2").unwrap(),
-            nix::sys::signal::Signal::SIGUSR2
-        );
-        assert_eq!(
-            parse_signal("SIGHUP").unwrap(),
-            nix::sys::signal::Signal::SIGHUP
-        );
-        assert_eq!(
-            with_redis_password("redis://:old@h:1/2", "new"),
-            "redis://:new@h:1/2"
-        );
+        assert_eq!(parse_signal("usr2").unwrap(), nix::sys::signal::Signal::SIGUSR2);
+        assert_eq!(parse_signal("SIGHUP").unwrap(), nix::sys::signal::Signal::SIGHUP);
+        assert_eq!(with_redis_password("redis://:old@h:1/2", "new"), "redis://:new@h:1/2");
         assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
     }
 }

@@ -34,10 +34,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The two event topics for a prefix.
 pub fn topics(prefix: &str) -> [String; 2] {
-    [
-        format!("{prefix}.pool-reset"),
-        format!("{prefix}.cache-keys"),
-    ]
+    [format!("{prefix}.pool-reset"), format!("{prefix}.cache-keys")]
 }
 
 /// Build the Kafka consumer of this node.
@@ -48,8 +45,9 @@ pub fn consumer(config: &Config) -> Result<StreamConsumer, ConsumerError> {
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
-        // Used only when a committed offset is out of range (retention passed).
-        .set("auto.offset.reset", "earliest")
+        // A committed offset out of range (retention passed, topic recreated) must not be
+        // silently reset: it surfaces as an error and the node resyncs.
+        .set("auto.offset.reset", "error")
         // Bounds the latency of an idle partition's fetch: some Kafka-protocol brokers (tansu)
         // answer an empty fetch only after this wait even when data arrives meanwhile.
         // Override in kafka.options; with Apache Kafka a larger value saves idle requests.
@@ -57,10 +55,8 @@ pub fn consumer(config: &Config) -> Result<StreamConsumer, ConsumerError> {
     for (k, v) in &config.kafka.options {
         c.set(k, v);
     }
-    c.create().map_err(|e| ConsumerError::Kafka {
-        brokers: config.kafka.brokers.clone(),
-        error: e.to_string(),
-    })
+    c.create()
+        .map_err(|e| ConsumerError::Kafka { brokers: config.kafka.brokers.clone(), error: e.to_string() })
 }
 
 struct Done {
@@ -80,6 +76,60 @@ pub struct Subscriber {
     applier: Applier,
     inventory: plan::Inventory,
     metrics: Metrics,
+    dead_letter: Option<DeadLetter>,
+}
+
+/// Copies undecodable messages to the dead-letter topic, with where they came from.
+pub struct DeadLetter {
+    pub producer: rdkafka::producer::FutureProducer,
+    pub topic: String,
+    pub shutdown: CancellationToken,
+}
+
+impl DeadLetter {
+    /// A future that resolves once Kafka acknowledged the copy (retried until then).
+    fn send(
+        &self,
+        m: &BorrowedMessage<'_>,
+        error: &str,
+    ) -> futures::future::BoxFuture<'static, Result<(), Interrupted>> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let (producer, topic, shutdown) = (self.producer.clone(), self.topic.clone(), self.shutdown.clone());
+        let payload = m.payload().map(<[u8]>::to_vec);
+        let key = m.key().map(<[u8]>::to_vec);
+        let origin =
+            (m.topic().to_owned(), m.partition().to_string(), m.offset().to_string(), error.to_owned());
+        async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "rtinval-origin-topic", value: Some(origin.0.as_str()) })
+                    .insert(Header { key: "rtinval-origin-partition", value: Some(origin.1.as_str()) })
+                    .insert(Header { key: "rtinval-origin-offset", value: Some(origin.2.as_str()) })
+                    .insert(Header { key: "rtinval-error", value: Some(origin.3.as_str()) });
+                let mut record =
+                    rdkafka::producer::FutureRecord::<Vec<u8>, Vec<u8>>::to(&topic).headers(headers);
+                if let Some(p) = &payload {
+                    record = record.payload(p);
+                }
+                if let Some(k) = &key {
+                    record = record.key(k);
+                }
+                match producer.send(record, Duration::from_secs(30)).await {
+                    Ok(_) => return Ok(()),
+                    Err((e, _)) => {
+                        warn!(%topic, error = %e, "Cannot write to the dead-letter topic, retrying.");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Err(Interrupted),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
 }
 
 impl Subscriber {
@@ -88,15 +138,10 @@ impl Subscriber {
         consumer: StreamConsumer,
         applier: Applier,
         metrics: Metrics,
+        dead_letter: Option<DeadLetter>,
     ) -> Subscriber {
         let inventory = applier.inventory();
-        Subscriber {
-            config,
-            consumer,
-            applier,
-            inventory,
-            metrics,
-        }
+        Subscriber { config, consumer, applier, inventory, metrics, dead_letter }
     }
 
     /// All partitions of both topics, waiting (with a log line) until the producer created them.
@@ -110,13 +155,9 @@ impl Subscriber {
             let mut tpl = TopicPartitionList::new();
             let mut missing = Vec::new();
             for name in &names {
-                let md = self
-                    .consumer
-                    .fetch_metadata(Some(name), TIMEOUT)
-                    .map_err(|e| ConsumerError::Kafka {
-                        brokers: self.config.kafka.brokers.clone(),
-                        error: e.to_string(),
-                    })?;
+                let md = self.consumer.fetch_metadata(Some(name), TIMEOUT).map_err(|e| {
+                    ConsumerError::Kafka { brokers: self.config.kafka.brokers.clone(), error: e.to_string() }
+                })?;
                 match md.topics().iter().find(|t| t.name() == name) {
                     Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
                         for p in t.partitions() {
@@ -141,68 +182,95 @@ impl Subscriber {
     }
 
     /// Start offsets: committed ones, or — after a local resync — the high watermarks.
-    async fn start_offsets(
-        &self,
-        all: &TopicPartitionList,
-    ) -> Result<TopicPartitionList, ConsumerError> {
+    async fn start_offsets(&self, all: &TopicPartitionList) -> Result<TopicPartitionList, ConsumerError> {
         let kafka_err = |e: rdkafka::error::KafkaError| ConsumerError::Kafka {
             brokers: self.config.kafka.brokers.clone(),
             error: e.to_string(),
         };
-        let committed = self
-            .consumer
-            .committed_offsets(all.clone(), TIMEOUT)
-            .map_err(kafka_err)?;
+        let committed = self.consumer.committed_offsets(all.clone(), TIMEOUT).map_err(kafka_err)?;
         let mut start = TopicPartitionList::new();
-        let mut fresh = TopicPartitionList::new();
+        // Partitions that start at the high watermark after a resync.
+        let mut reset = TopicPartitionList::new();
+        let (mut fresh, mut out_of_range) = (0, 0);
         for e in committed.elements() {
+            // Watermarks first: the resync below covers everything before them.
+            let (low, high) =
+                self.consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT).map_err(kafka_err)?;
             match e.offset() {
+                // Checked here too, not only by the broker: some Kafka-protocol brokers answer a
+                // fetch beyond the end with an empty batch instead of OFFSET_OUT_OF_RANGE.
+                Offset::Offset(o) if o >= 0 && (o < low || o > high) => {
+                    warn!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        committed = o,
+                        low,
+                        high,
+                        "Committed offset out of range."
+                    );
+                    out_of_range += 1;
+                    reset
+                        .add_partition_offset(e.topic(), e.partition(), Offset::Offset(high))
+                        .map_err(kafka_err)?;
+                }
                 Offset::Offset(o) if o >= 0 => {
                     start
                         .add_partition_offset(e.topic(), e.partition(), Offset::Offset(o))
                         .map_err(kafka_err)?;
                 }
                 _ => {
-                    let (_, high) = self
-                        .consumer
-                        .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
-                        .map_err(kafka_err)?;
-                    fresh
+                    fresh += 1;
+                    reset
                         .add_partition_offset(e.topic(), e.partition(), Offset::Offset(high))
                         .map_err(kafka_err)?;
                 }
             }
         }
-        if fresh.count() > 0 {
-            warn!(partitions = fresh.count(), group = %self.config.group_id(), "No committed offset: resyncing this node before consuming.");
-            self.resync("no_committed_offset").await?;
-            self.consumer
-                .commit(&fresh, CommitMode::Sync)
-                .map_err(kafka_err)?;
-            for e in fresh.elements() {
-                start
-                    .add_partition_offset(e.topic(), e.partition(), e.offset())
-                    .map_err(kafka_err)?;
+        if reset.count() > 0 {
+            let reason = if out_of_range > 0 { "offset_out_of_range" } else { "no_committed_offset" };
+            warn!(fresh, out_of_range, group = %self.config.group_id(), reason, "Resyncing this node before consuming.");
+            self.resync(reason).await?;
+            self.consumer.commit(&reset, CommitMode::Sync).map_err(kafka_err)?;
+            for e in reset.elements() {
+                start.add_partition_offset(e.topic(), e.partition(), e.offset()).map_err(kafka_err)?;
             }
         }
         Ok(start)
     }
 
+    /// Continuity is lost on some partition (offset out of range): read every partition's high
+    /// watermark, resync, and continue from those watermarks — the resync covers everything
+    /// published before them.
+    async fn resync_from_high_watermarks(
+        &self,
+        all: &TopicPartitionList,
+        reason: &'static str,
+    ) -> Result<(), ConsumerError> {
+        let kafka_err = |e: rdkafka::error::KafkaError| ConsumerError::Kafka {
+            brokers: self.config.kafka.brokers.clone(),
+            error: e.to_string(),
+        };
+        let mut high = TopicPartitionList::new();
+        for e in all.elements() {
+            let (_, h) =
+                self.consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT).map_err(kafka_err)?;
+            high.add_partition_offset(e.topic(), e.partition(), Offset::Offset(h)).map_err(kafka_err)?;
+        }
+        self.resync(reason).await?;
+        self.consumer.assign(&high).map_err(kafka_err)?;
+        self.consumer.commit(&high, CommitMode::Sync).map_err(kafka_err)?;
+        info!(reason, "Resynced; consuming from the current end of every partition.");
+        Ok(())
+    }
+
     async fn resync(&self, reason: &'static str) -> Result<(), ConsumerError> {
         self.metrics.resync(reason);
         let actions = self.inventory.resync();
-        info!(
-            reason,
-            actions = actions.len(),
-            "Local resync: reloading every pool, flushing every cache."
-        );
-        self.applier
-            .apply(actions)
-            .await
-            .map_err(|_| ConsumerError::Kafka {
-                brokers: self.config.kafka.brokers.clone(),
-                error: "interrupted during the initial resync".into(),
-            })
+        info!(reason, actions = actions.len(), "Local resync: reloading every pool, flushing every cache.");
+        self.applier.apply(actions).await.map_err(|_| ConsumerError::Kafka {
+            brokers: self.config.kafka.brokers.clone(),
+            error: "interrupted during the initial resync".into(),
+        })
     }
 
     /// Run until `shutdown`; returns after the final commit.
@@ -211,17 +279,14 @@ impl Subscriber {
             return Ok(());
         };
         let start = self.start_offsets(&all).await?;
-        self.consumer
-            .assign(&start)
-            .map_err(|e| ConsumerError::Kafka {
-                brokers: self.config.kafka.brokers.clone(),
-                error: e.to_string(),
-            })?;
+        self.consumer.assign(&start).map_err(|e| ConsumerError::Kafka {
+            brokers: self.config.kafka.brokers.clone(),
+            error: e.to_string(),
+        })?;
         self.metrics.set_assigned(true);
         info!(group = %self.config.group_id(), partitions = start.count(), "Consuming.");
 
-        let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> =
-            FuturesOrdered::new();
+        let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> = FuturesOrdered::new();
         let mut messages = self.consumer.stream();
         loop {
             tokio::select! {
@@ -230,6 +295,12 @@ impl Subscriber {
                 Some(done) = pending.next(), if !pending.is_empty() => self.complete(done),
                 msg = messages.next(), if pending.len() < MAX_PENDING => match msg {
                     Some(Ok(m)) => pending.push_back(self.handle(&m)),
+                    Some(Err(rdkafka::error::KafkaError::MessageConsumption(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset))) => {
+                        warn!(group = %self.config.group_id(), "Committed offset out of range (retention passed?): resyncing this node.");
+                        drop(messages);
+                        self.resync_from_high_watermarks(&all, "offset_out_of_range").await?;
+                        messages = self.consumer.stream();
+                    }
                     Some(Err(e)) => warn!(error = %e, "Kafka consumer error."),
                     None => break,
                 },
@@ -241,20 +312,13 @@ impl Subscriber {
                 self.complete(done);
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), drain)
-            .await
-            .is_err()
-        {
-            warn!(
-                "Shutdown: some actions did not finish within 10 s; their offsets stay uncommitted."
-            );
+        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+            warn!("Shutdown: some actions did not finish within 10 s; their offsets stay uncommitted.");
         }
         self.metrics.set_assigned(false);
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => info!("Offsets committed."),
-            Err(rdkafka::error::KafkaError::ConsumerCommit(
-                rdkafka::types::RDKafkaErrorCode::NoOffset,
-            )) => {}
+            Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
                 warn!(error = %e, "Final offset commit failed; the next start re-applies from the last commit.")
             }
@@ -265,35 +329,35 @@ impl Subscriber {
     fn handle(&self, m: &BorrowedMessage<'_>) -> futures::future::BoxFuture<'static, Done> {
         let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
         let received = Instant::now();
-        let (actions, kind, committed_at) = match Event::from_json(m.payload().unwrap_or_default())
-        {
+        let (fut, kind, committed_at) = match Event::from_json(m.payload().unwrap_or_default()) {
             Ok(event) => {
                 debug!(%topic, partition, offset, id = %event.id, kind = %event.kind(), "Event.");
-                (
-                    plan::actions(&event, &self.inventory),
-                    Some(event.kind()),
-                    event.source.committed_at,
-                )
+                if let rtinval_schemas::EventBody::Resync { reason } = &event.body {
+                    warn!(%topic, partition, offset, %reason, id = %event.id, "The producer asks for a resync.");
+                    self.metrics.resync("producer");
+                }
+                let actions = plan::actions(&event, &self.inventory);
+                (self.applier.apply(actions), Some(event.kind()), event.source.committed_at)
             }
             Err(e) => {
+                // Poison message: never skipped silently. Keep a copy (if configured), resync.
                 self.metrics.decode_errors.inc();
                 self.metrics.resync("undecodable");
                 warn!(%topic, partition, offset, error = %e, "Undecodable message: resyncing this node.");
-                (self.inventory.resync(), None, 0)
+                let dead = self.dead_letter.as_ref().map(|d| d.send(m, &e.to_string()));
+                let resync = self.applier.apply(self.inventory.resync());
+                let fut = async move {
+                    if let Some(dead) = dead {
+                        dead.await?;
+                    }
+                    resync.await
+                };
+                (fut.boxed(), None, 0)
             }
         };
-        let fut = self.applier.apply(actions);
         async move {
             let result = fut.await;
-            Done {
-                topic,
-                partition,
-                offset,
-                kind,
-                received,
-                committed_at,
-                result,
-            }
+            Done { topic, partition, offset, kind, received, committed_at, result }
         }
         .boxed()
     }
@@ -303,29 +367,47 @@ impl Subscriber {
             return;
         }
         if let Some(kind) = done.kind {
-            self.metrics
-                .events_applied
-                .get_or_create(&KindLabel {
-                    kind: kind.as_str(),
-                })
-                .inc();
+            self.metrics.events_applied.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
             if kind != EventKind::Heartbeat {
-                self.metrics
-                    .apply_latency_seconds
-                    .observe(done.received.elapsed().as_secs_f64());
+                self.metrics.apply_latency_seconds.observe(done.received.elapsed().as_secs_f64());
                 if done.committed_at > 0 {
                     let e2e = crate::now_ms().saturating_sub(done.committed_at);
-                    self.metrics
-                        .end_to_end_latency_seconds
-                        .observe(e2e as f64 / 1000.0);
+                    self.metrics.end_to_end_latency_seconds.observe(e2e as f64 / 1000.0);
                 }
             }
         }
-        if let Err(e) = self
-            .consumer
-            .store_offset(&done.topic, done.partition, done.offset + 1)
-        {
+        if let Err(e) = self.consumer.store_offset(&done.topic, done.partition, done.offset + 1) {
             warn!(topic = %done.topic, partition = done.partition, offset = done.offset, error = %e, "Cannot store offset.");
         }
     }
+}
+
+/// The dead-letter writer: an idempotent producer, and the topic created if missing.
+pub async fn dead_letter(
+    config: &Config,
+    topic: &str,
+    shutdown: &CancellationToken,
+) -> Result<DeadLetter, ConsumerError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let err = |e: String| ConsumerError::Kafka { brokers: config.kafka.brokers.clone(), error: e };
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in &config.kafka.options {
+        c.set(k, v);
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        c.create().map_err(|e| err(e.to_string()))?;
+    let results = admin
+        .create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(err(format!("cannot create dead-letter topic {t}: {code}"))),
+        }
+    }
+    let producer =
+        c.set("enable.idempotence", "true").set("acks", "all").create().map_err(|e| err(e.to_string()))?;
+    Ok(DeadLetter { producer, topic: topic.to_owned(), shutdown: shutdown.clone() })
 }

@@ -344,3 +344,188 @@ pub async fn redis() -> redis::aio::MultiplexedConnection {
             panic!("cannot connect to Redis at {url}: {e}; is the stack up? (scripts/stack up)")
         })
 }
+
+/// Publishes hand-made events to a topic prefix of its own (the test plays the producer).
+pub struct Bus {
+    pub prefix: String,
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl Bus {
+    /// Create `<prefix>.pool-reset` and `<prefix>.cache-keys` (one partition each).
+    pub async fn new(prefix: &str) -> Bus {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &Stack::get().brokers);
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            c.create().expect("admin client");
+        let topics = [
+            format!("{prefix}.pool-reset"),
+            format!("{prefix}.cache-keys"),
+        ];
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+            .collect();
+        for r in admin
+            .create_topics(&new, &AdminOptions::new())
+            .await
+            .expect("create topics")
+        {
+            match r {
+                Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, e)) => panic!("cannot create topic {t}: {e}"),
+            }
+        }
+        let producer = c.set("linger.ms", "2").create().expect("producer");
+        Bus {
+            prefix: prefix.to_owned(),
+            producer,
+        }
+    }
+
+    /// An event with a plausible source block.
+    pub fn event(body: rtinval_schemas::EventBody) -> rtinval_schemas::Event {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed) as usize;
+        rtinval_schemas::Event {
+            schema_version: rtinval_schemas::SCHEMA_VERSION,
+            id: rtinval_schemas::event_id(1, "test-bin.000001", 4, seq),
+            source: rtinval_schemas::Source {
+                server_id: 1,
+                gtid: None,
+                file: "test-bin.000001".into(),
+                pos: 4,
+                tables: vec![],
+                committed_at: now,
+            },
+            emitted_at: now,
+            body,
+        }
+    }
+
+    /// Topic of an event kind, as the producer routes it.
+    pub fn topic_for(&self, body: &rtinval_schemas::EventBody) -> String {
+        use rtinval_schemas::EventBody::*;
+        match body {
+            PoolReset { .. } | Resync { .. } | Heartbeat { .. } => {
+                format!("{}.pool-reset", self.prefix)
+            }
+            CacheKeys { .. } | CacheFlush { .. } => format!("{}.cache-keys", self.prefix),
+        }
+    }
+
+    /// Publish one event and wait for the acknowledgment.
+    pub async fn publish(&self, body: rtinval_schemas::EventBody) {
+        let topic = self.topic_for(&body);
+        self.raw(&topic, &Self::event(body).to_json()).await;
+    }
+
+    /// Publish raw bytes (garbage, foreign versions) and wait for the acknowledgment.
+    pub async fn raw(&self, topic: &str, payload: &[u8]) {
+        let record = rdkafka::producer::FutureRecord::<str, [u8]>::to(topic)
+            .key("test")
+            .payload(payload);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("publish");
+    }
+
+    /// Enqueue without waiting (for bursts); `flush` waits for all.
+    pub fn enqueue(&self, body: rtinval_schemas::EventBody) {
+        let topic = self.topic_for(&body);
+        let payload = Self::event(body).to_json();
+        loop {
+            let record = rdkafka::producer::FutureRecord::<str, [u8]>::to(&topic)
+                .key("test")
+                .payload(&payload);
+            match self.producer.send_result(record) {
+                Ok(_) => return,
+                Err((e, _)) => {
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "{e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    pub fn flush(&self) {
+        use rdkafka::producer::Producer;
+        self.producer.flush(Duration::from_secs(60)).expect("flush");
+    }
+}
+
+/// A consumer process with its HTTP address.
+pub struct ConsumerProc {
+    pub proc: Proc,
+    pub http: String,
+}
+
+impl ConsumerProc {
+    /// Write `config` (with `[http] listen` appended) and start `rtinval-consumer run`.
+    pub fn start(dir: &Path, name: &str, config: &str) -> ConsumerProc {
+        let http = format!("127.0.0.1:{}", free_port());
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, format!("{config}\n[http]\nlisten = \"{http}\"\n"))
+            .expect("write config");
+        let proc = Proc::spawn(
+            name,
+            Command::new(bin("rtinval-consumer"))
+                .arg("--config")
+                .arg(&path)
+                .arg("run")
+                .env("RTINVAL_LOG", "info,rtinval_consumer=debug"),
+            dir.join(format!("{name}.log")),
+        );
+        ConsumerProc { proc, http }
+    }
+
+    /// Wait until `/metrics` answers (the consumer is up; it may still be resyncing).
+    pub fn wait_up(&mut self) {
+        let http = self.http.clone();
+        wait_sync("consumer HTTP endpoint", Duration::from_secs(30), || {
+            if let Some(s) = self.proc.try_exit() {
+                panic!("consumer exited with {s}:\n{}", self.proc.log_text());
+            }
+            http_get(&http, "/healthz").map(|_| ())
+        });
+    }
+
+    /// Wait until the log says it is consuming.
+    pub fn wait_consuming(&mut self) {
+        self.wait_up();
+        wait_sync("consumer consuming", Duration::from_secs(30), || {
+            self.proc.log_text().contains("Consuming.").then_some(())
+        });
+    }
+
+    /// Value of one metric series (exact name with labels, e.g. `x_total{pool="p"}`), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = http_get(&self.http, "/metrics").unwrap_or_default();
+        body.lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(name, _)| *name == series)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Wait until a metric reaches at least `value`.
+    pub fn wait_metric(&self, series: &str, value: f64, timeout: Duration) {
+        wait_sync(&format!("{series} >= {value}"), timeout, || {
+            (self.metric(series) >= value).then_some(())
+        });
+    }
+}

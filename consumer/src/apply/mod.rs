@@ -3,6 +3,8 @@
 //! the action is applied (retrying transient failures with backoff), so the caller can commit
 //! the message's offset exactly then — or never, when shutdown interrupts it.
 
+pub mod http;
+pub mod memcached;
 pub mod pool;
 pub mod redis;
 
@@ -20,11 +22,74 @@ use crate::plan::{Action, Inventory};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interrupted;
 
+/// A cache server behind a named cache.
+#[derive(Clone)]
+pub enum Backend {
+    Redis(redis::RedisCache),
+    Memcached(memcached::MemcachedCache),
+}
+
+/// How a purge went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purged {
+    /// Every key was deleted (or was already absent).
+    Keys,
+    /// A key could not be addressed in this cache, so the whole cache was flushed instead.
+    FlushedInstead,
+}
+
+/// A named node-local cache.
+#[derive(Clone)]
+pub struct Cache {
+    pub backend: Backend,
+    /// Delay of the optional second purge.
+    pub second_purge: Option<Duration>,
+}
+
+impl Cache {
+    /// Connect to the cache server of `config`.
+    pub async fn connect(
+        name: &str,
+        config: &crate::config::CacheConfig,
+    ) -> Result<Cache, crate::error::CacheError> {
+        let backend = match config.kind {
+            crate::config::CacheKind::Redis => {
+                Backend::Redis(redis::RedisCache::connect(name, config).await?)
+            }
+            crate::config::CacheKind::Memcached => Backend::Memcached(
+                memcached::MemcachedCache::connect(name, &config.memcached_addr(), &config.prefix).await?,
+            ),
+        };
+        let second_purge =
+            (config.second_purge_ms > 0).then(|| Duration::from_millis(config.second_purge_ms));
+        Ok(Cache { backend, second_purge })
+    }
+
+    /// Delete `keys` (missing keys count as deleted).
+    pub async fn purge(&self, keys: &[String]) -> Result<Purged, crate::error::CacheError> {
+        match &self.backend {
+            Backend::Redis(r) => r.purge(keys).await.map(|()| Purged::Keys),
+            Backend::Memcached(m) => match m.prefixed(keys) {
+                Some(full) => m.delete(full).await.map(|()| Purged::Keys),
+                None => m.flush().await.map(|()| Purged::FlushedInstead),
+            },
+        }
+    }
+
+    /// Delete every key of the cache.
+    pub async fn flush(&self) -> Result<(), crate::error::CacheError> {
+        match &self.backend {
+            Backend::Redis(r) => r.flush().await,
+            Backend::Memcached(m) => m.flush().await,
+        }
+    }
+}
+
 /// Everything this node can act on.
 #[derive(Clone)]
 pub struct Applier {
     pub pools: BTreeMap<String, pool::Debouncer>,
-    pub caches: BTreeMap<String, redis::RedisCache>,
+    pub caches: BTreeMap<String, Cache>,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
 }
@@ -62,8 +127,22 @@ impl Applier {
                 };
                 let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
                 async move {
-                    retry(&shutdown, || c.purge(&keys)).await?;
-                    metrics.keys_purged(&cache, keys.len());
+                    let mut round = retry(&shutdown, || c.purge(&keys)).await?;
+                    if let Some(delay) = c.second_purge {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Err(Interrupted),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        round = retry(&shutdown, || c.purge(&keys)).await?;
+                        metrics.second_purges.inc();
+                    }
+                    match round {
+                        Purged::Keys => metrics.keys_purged(&cache, keys.len()),
+                        Purged::FlushedInstead => {
+                            warn!(%cache, "A key cannot be addressed in this cache (too long or has spaces): flushed the cache instead.");
+                            metrics.cache_flushed(&cache);
+                        }
+                    }
                     Ok(())
                 }
                 .boxed()

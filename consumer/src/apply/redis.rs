@@ -29,32 +29,25 @@ impl RedisCache {
             error: e.to_string(),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(err)?;
-        let conn = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            ConnectionManager::new(client),
-        )
-        .await
-        .map_err(|_| CacheError {
-            cache: name.to_owned(),
-            url: url.clone(),
-            error: "connect timed out after 10 s".into(),
-        })?
-        .map_err(err)?;
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(10), ConnectionManager::new(client))
+            .await
+            .map_err(|_| CacheError {
+                cache: name.to_owned(),
+                url: url.clone(),
+                error: "connect timed out after 10 s".into(),
+            })?
+            .map_err(err)?;
         Ok(RedisCache {
             name: name.to_owned(),
             url,
             prefix: config.prefix.clone(),
-            flush: config.flush,
+            flush: config.flush_mode(),
             conn,
         })
     }
 
     fn err(&self, e: redis::RedisError) -> CacheError {
-        CacheError {
-            cache: self.name.clone(),
-            url: self.url.clone(),
-            error: e.to_string(),
-        }
+        CacheError { cache: self.name.clone(), url: self.url.clone(), error: e.to_string() }
     }
 
     /// UNLINK `keys` (prefixed) in one pipelined round trip.
@@ -75,21 +68,17 @@ impl RedisCache {
             cmd.ignore();
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.err(e))
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| self.err(e))
     }
 
     /// Delete every key of the cache.
     pub async fn flush(&self) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         match self.flush {
-            FlushMode::Flushdb => redis::cmd("FLUSHDB")
-                .arg("ASYNC")
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| self.err(e)),
-            FlushMode::Prefix => {
+            FlushMode::Flushdb => {
+                redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut conn).await.map_err(|e| self.err(e))
+            }
+            FlushMode::Prefix | FlushMode::FlushAll => {
                 let pattern = format!("{}*", glob_escape(&self.prefix));
                 let mut cursor: u64 = 0;
                 loop {

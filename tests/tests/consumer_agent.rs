@@ -1,0 +1,671 @@
+//! Proves the consumer agent's behaviour against real services and real child processes: the
+//! test publishes events to the tansu broker itself (playing the producer) and watches a real
+//! `rtinval-consumer` process reload stand-in pools (signal, command, HTTP), purge Redis and
+//! memcached, coalesce bursts, resync on every kind of lost continuity, report freshness and
+//! stop cleanly. Needs `scripts/stack up` and the binaries built (`scripts/test` does both).
+//! Run alone: `cargo test -p rtinval-tests --test consumer_agent`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use rtinval_schemas::EventBody;
+use rtinval_tests::{
+    Bus, ConsumerProc, Stack, StandInPool, http_get, redis, unique, wait_for, wait_sync,
+};
+
+fn kafka_section(prefix: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n",
+        Stack::get().brokers
+    )
+}
+
+fn signal_pool(name: &str, pool: &StandInPool, debounce_ms: u64, max_delay_ms: u64) -> String {
+    format!(
+        "[pools.{name}]\nreload = \"signal\"\npidfile = \"{}\"\ndebounce_ms = {debounce_ms}\nmax_delay_ms = {max_delay_ms}\n",
+        pool.pidfile.display()
+    )
+}
+
+fn redis_cache(name: &str, prefix: &str, extra: &str) -> String {
+    format!(
+        "[caches.{name}]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}\"\n{extra}\n",
+        Stack::get().redis_url
+    )
+}
+
+/// A tiny HTTP server that answers the first `fail_first` requests with 500, then 204.
+fn reload_endpoint(fail_first: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/reload", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let n = h.fetch_add(1, Ordering::SeqCst);
+            let status = if n < fail_first {
+                "500 Internal Server Error"
+            } else {
+                "204 No Content"
+            };
+            let _ =
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        }
+    });
+    (url, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloaders_signal_command_and_http_retry_until_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("reloaders");
+    let bus = Bus::new(&prefix).await;
+    let sig = StandInPool::start(dir.path(), "sig");
+    let cmd_log = dir.path().join("cmd.log");
+    let once = dir.path().join("cmd.failed-once");
+    // Fails the first time (like a busy systemctl), succeeds after.
+    let script = format!(
+        "if [ -e {o} ]; then echo reloaded >> {l}; else touch {o}; exit 3; fi",
+        o = once.display(),
+        l = cmd_log.display()
+    );
+    let (url, hits) = reload_endpoint(1);
+    let config = format!(
+        "{}{}[pools.cmd]\nreload = \"command\"\ncommand = [\"bash\", \"-c\", {script:?}]\ntimeout_secs = 5\ndebounce_ms = 50\n\n\
+         [pools.web]\nreload = \"http\"\nurl = \"{url}\"\ndebounce_ms = 50\n",
+        kafka_section(&prefix),
+        signal_pool("sig", &sig, 50, 500)
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+    // The initial resync (new group) reloaded each pool once; the failures came then.
+    wait_sync("initial reloads", Duration::from_secs(20), || {
+        (sig.reloads() == 1
+            && std::fs::read_to_string(&cmd_log).is_ok_and(|s| s.lines().count() == 1)
+            && hits.load(Ordering::SeqCst) == 2)
+            .then_some(())
+    });
+    assert!(c.metric("rtinval_consumer_pool_reload_failures_total{pool=\"cmd\"}") >= 1.0);
+    assert!(c.metric("rtinval_consumer_pool_reload_failures_total{pool=\"web\"}") >= 1.0);
+    assert!(
+        c.proc.log_text().contains("exited with exit status: 3"),
+        "the failure is logged with its cause"
+    );
+
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["sig".into()],
+    })
+    .await;
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["cmd".into()],
+    })
+    .await;
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["web".into()],
+    })
+    .await;
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["not-on-this-node".into()],
+    })
+    .await;
+    wait_sync("one reload per pool", Duration::from_secs(20), || {
+        (sig.reloads() == 2
+            && std::fs::read_to_string(&cmd_log).is_ok_and(|s| s.lines().count() == 2)
+            && hits.load(Ordering::SeqCst) == 3)
+            .then_some(())
+    });
+    c.wait_metric(
+        "rtinval_consumer_events_not_here_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_resets_in_one_second_cause_a_few_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("burst");
+    let bus = Bus::new(&prefix).await;
+    let pool = StandInPool::start(dir.path(), "pool");
+    let config = format!(
+        "{}{}",
+        kafka_section(&prefix),
+        signal_pool("rtapi", &pool, 200, 1000)
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+    wait_sync("initial resync reload", Duration::from_secs(10), || {
+        (pool.reloads() == 1).then_some(())
+    });
+
+    let start = Instant::now();
+    for batch in 0..10 {
+        for _ in 0..1000 {
+            bus.enqueue(EventBody::PoolReset {
+                pools: vec!["rtapi".into()],
+            });
+        }
+        let next = start + Duration::from_millis(100 * (batch + 1));
+        tokio::time::sleep(next.saturating_duration_since(Instant::now())).await;
+    }
+    bus.flush();
+    let last_event = std::time::SystemTime::now();
+    c.wait_metric(
+        "rtinval_consumer_events_applied_total{kind=\"pool_reset\"}",
+        10_000.0,
+        Duration::from_secs(60),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reloads = pool.reloads() - 1;
+    println!(
+        "10,000 pool_reset events over {:?}: {reloads} reloads",
+        last_event
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|_| start.elapsed())
+    );
+    assert!(
+        (1..=5).contains(&reloads),
+        "{reloads} reloads for a 10,000-event burst"
+    );
+    // The last reload happened after the last event was published.
+    let text = std::fs::read_to_string(&pool.reload_log).unwrap();
+    let last_reload: f64 = text
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let last_event_s = last_event
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        last_reload >= last_event_s - 0.05,
+        "last reload {last_reload} before last event {last_event_s}"
+    );
+    assert_eq!(
+        c.metric("rtinval_consumer_pool_reload_requests_total{pool=\"rtapi\"}"),
+        10_001.0,
+        "every request was counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purgers_redis_memcached_flushes_and_the_second_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("purge");
+    let bus = Bus::new(&prefix).await;
+    let (rp, rs, mp) = (
+        format!("{prefix}:rp:"),
+        format!("{prefix}:rs:"),
+        format!("{prefix}:mc:"),
+    );
+    let config = format!(
+        "{}{}{}[caches.mc]\nkind = \"memcached\"\nurl = \"memcached://{}\"\nprefix = \"{mp}\"\n",
+        kafka_section(&prefix),
+        redis_cache("rp", &rp, ""),
+        redis_cache("rs", &rs, "second_purge_ms = 700"),
+        Stack::get().memcached
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+
+    let mut r = redis().await;
+    let mut mc = async_memcached_client().await;
+    for k in ["a", "b", "keep"] {
+        let _: () = r.set(format!("{rp}{k}"), "v").await.unwrap();
+        mc_set(&mut mc, &format!("{mp}{k}")).await;
+    }
+    let unrelated = format!("{prefix}:unrelated");
+    let _: () = r.set(&unrelated, "v").await.unwrap();
+
+    // Keys: deleted; a missing key counts as purged.
+    bus.publish(EventBody::CacheKeys {
+        cache: "rp".into(),
+        keys: vec!["a".into(), "b".into(), "never-set".into()],
+    })
+    .await;
+    bus.publish(EventBody::CacheKeys {
+        cache: "mc".into(),
+        keys: vec!["a".into(), "b".into()],
+    })
+    .await;
+    c.wait_metric(
+        "rtinval_consumer_keys_purged_total{cache=\"rp\"}",
+        3.0,
+        Duration::from_secs(20),
+    );
+    c.wait_metric(
+        "rtinval_consumer_keys_purged_total{cache=\"mc\"}",
+        2.0,
+        Duration::from_secs(20),
+    );
+    let left: usize = r
+        .exists(&[format!("{rp}a"), format!("{rp}b")])
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(r.exists::<_, bool>(format!("{rp}keep")).await.unwrap());
+    assert!(mc_get(&mut mc, &format!("{mp}a")).await.is_none());
+    assert!(mc_get(&mut mc, &format!("{mp}keep")).await.is_some());
+
+    // The second purge removes a value written back after the first purge (the race).
+    let raced = format!("{rs}object:1");
+    let _: () = r.set(&raced, "old").await.unwrap();
+    bus.publish(EventBody::CacheKeys {
+        cache: "rs".into(),
+        keys: vec!["object:1".into()],
+    })
+    .await;
+    wait_for("first purge", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let k = raced.clone();
+        async move { (!r.exists::<_, bool>(&k).await.unwrap()).then_some(()) }
+    })
+    .await;
+    let _: () = r.set(&raced, "stale write-back").await.unwrap();
+    c.wait_metric(
+        "rtinval_consumer_second_purges_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        !r.exists::<_, bool>(&raced).await.unwrap(),
+        "the second purge removed the write-back"
+    );
+
+    // A flush clears the cache's keys only (Redis: by prefix), memcached flushes everything.
+    bus.publish(EventBody::CacheFlush {
+        cache: "rp".into(),
+        reason: "too_many_keys".into(),
+    })
+    .await;
+    bus.publish(EventBody::CacheFlush {
+        cache: "mc".into(),
+        reason: "key_underivable".into(),
+    })
+    .await;
+    c.wait_metric(
+        "rtinval_consumer_cache_flushes_total{cache=\"rp\"}",
+        2.0,
+        Duration::from_secs(20),
+    );
+    c.wait_metric(
+        "rtinval_consumer_cache_flushes_total{cache=\"mc\"}",
+        2.0,
+        Duration::from_secs(20),
+    );
+    assert!(!r.exists::<_, bool>(format!("{rp}keep")).await.unwrap());
+    assert!(
+        r.exists::<_, bool>(&unrelated).await.unwrap(),
+        "a prefix flush leaves other keys alone"
+    );
+    assert!(mc_get(&mut mc, &format!("{mp}keep")).await.is_none());
+
+    // A key memcached cannot address (a space) flushes the cache instead of being skipped.
+    mc_set(&mut mc, &format!("{mp}x")).await;
+    bus.publish(EventBody::CacheKeys {
+        cache: "mc".into(),
+        keys: vec!["has space".into()],
+    })
+    .await;
+    c.wait_metric(
+        "rtinval_consumer_cache_flushes_total{cache=\"mc\"}",
+        3.0,
+        Duration::from_secs(20),
+    );
+    assert!(mc_get(&mut mc, &format!("{mp}x")).await.is_none());
+}
+
+async fn async_memcached_client() -> async_memcached::Client {
+    async_memcached::Client::new(format!("tcp://{}", Stack::get().memcached))
+        .await
+        .expect("memcached")
+}
+
+async fn mc_set(c: &mut async_memcached::Client, key: &str) {
+    use async_memcached::AsciiProtocol;
+    c.set(key, "v", None, None).await.expect("memcached set");
+}
+
+async fn mc_get(c: &mut async_memcached::Client, key: &str) -> Option<Vec<u8>> {
+    use async_memcached::AsciiProtocol;
+    c.get(key)
+        .await
+        .expect("memcached get")
+        .and_then(|v| v.data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_loss_of_continuity_resyncs_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("resync");
+    let bus = Bus::new(&prefix).await;
+    let pool = StandInPool::start(dir.path(), "pool");
+    let dlq = format!("{prefix}.dead-letter");
+    let cache_prefix = format!("{prefix}:c:");
+    let config = format!(
+        "{}dead_letter_topic = \"{dlq}\"\n{}{}",
+        kafka_section(&prefix),
+        signal_pool("rtapi", &pool, 20, 200),
+        redis_cache("rt", &cache_prefix, "")
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+    c.wait_metric(
+        "rtinval_consumer_resyncs_total{reason=\"no_committed_offset\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    wait_sync("initial reload", Duration::from_secs(10), || {
+        (pool.reloads() == 1).then_some(())
+    });
+    let mut r = redis().await;
+    let seed = |n: usize| format!("{cache_prefix}seed{n}");
+
+    // Garbage, an unknown schema version, and the producer's resync: each resyncs.
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("garbage", b"\x00\x01 not json".to_vec(), "undecodable"),
+        (
+            "future version",
+            serde_json::to_vec(
+                &serde_json::json!({"schema_version": 99, "id": "x", "kind": "pool_reset"}),
+            )
+            .unwrap(),
+            "undecodable",
+        ),
+        (
+            "producer resync",
+            Bus::event(EventBody::Resync {
+                reason: "position_lost".into(),
+            })
+            .to_json(),
+            "producer",
+        ),
+    ];
+    let mut undecodable = 0.0;
+    for (n, (what, payload, reason)) in cases.into_iter().enumerate() {
+        let _: () = r.set(seed(n), "v").await.unwrap();
+        let before = pool.reloads();
+        bus.raw(&format!("{prefix}.pool-reset"), &payload).await;
+        wait_sync(
+            &format!("reload after {what}"),
+            Duration::from_secs(20),
+            || (pool.reloads() > before).then_some(()),
+        );
+        wait_for(
+            &format!("cache flushed after {what}"),
+            Duration::from_secs(20),
+            || {
+                let mut r = r.clone();
+                let k = seed(n);
+                async move { (!r.exists::<_, bool>(&k).await.unwrap()).then_some(()) }
+            },
+        )
+        .await;
+        if reason == "undecodable" {
+            undecodable += 1.0;
+        }
+        c.wait_metric(
+            &format!("rtinval_consumer_resyncs_total{{reason=\"{reason}\"}}"),
+            if reason == "undecodable" {
+                undecodable
+            } else {
+                1.0
+            },
+            Duration::from_secs(10),
+        );
+    }
+    assert_eq!(c.metric("rtinval_consumer_decode_errors_total"), 2.0);
+
+    // The poison messages are in the dead-letter topic, with where they came from.
+    let dead = read_topic(&dlq, 2).await;
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].0, b"\x00\x01 not json");
+    assert!(
+        dead[0]
+            .1
+            .iter()
+            .any(|(k, v)| k == "rtinval-origin-topic" && v == &format!("{prefix}.pool-reset"))
+    );
+    assert!(
+        dead[1]
+            .1
+            .iter()
+            .any(|(k, v)| k == "rtinval-error" && v.contains("unsupported schema_version 99"))
+    );
+}
+
+/// Read `n` messages (payload, headers) from the start of partition 0 of `topic`.
+async fn read_topic(topic: &str, n: usize) -> Vec<(Vec<u8>, Vec<(String, String)>)> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &Stack::get().brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .expect("message in time")
+            .unwrap();
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((m.payload().unwrap_or_default().to_vec(), headers));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offset_out_of_range_resyncs_instead_of_skipping() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("range");
+    let bus = Bus::new(&prefix).await;
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["rtapi".into()],
+    })
+    .await;
+    // The group's committed offsets point far beyond the data (as after a topic was recreated).
+    let group: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &Stack::get().brokers)
+        .set("group.id", format!("{prefix}-node"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in ["pool-reset", "cache-keys"] {
+        tpl.add_partition_offset(
+            &format!("{prefix}.{t}"),
+            0,
+            rdkafka::Offset::Offset(1_000_000),
+        )
+        .unwrap();
+    }
+    group.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(group);
+
+    let pool = StandInPool::start(dir.path(), "pool");
+    let config = format!(
+        "{}{}",
+        kafka_section(&prefix),
+        signal_pool("rtapi", &pool, 20, 200)
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_up();
+    c.wait_metric(
+        "rtinval_consumer_resyncs_total{reason=\"offset_out_of_range\"}",
+        1.0,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        c.metric("rtinval_consumer_resyncs_total{reason=\"no_committed_offset\"}"),
+        0.0
+    );
+    wait_sync("resync reload", Duration::from_secs(10), || {
+        (pool.reloads() >= 1).then_some(())
+    });
+    // And it goes on consuming from the current end.
+    let before = pool.reloads();
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["rtapi".into()],
+    })
+    .await;
+    wait_sync("reload after a new event", Duration::from_secs(20), || {
+        (pool.reloads() > before).then_some(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_readiness_sighup_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("fresh");
+    let bus = Bus::new(&prefix).await;
+    let pool = StandInPool::start(dir.path(), "pool");
+    let config = format!(
+        "{}[node]\nmax_staleness_secs = 2\n{}",
+        kafka_section(&prefix),
+        signal_pool("rtapi", &pool, 20, 200)
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+    let (status, body) = http_get(&c.http, "/readyz").unwrap();
+    assert_eq!(
+        (status, body.trim()),
+        (503, "not ready: no heartbeat from the producer yet")
+    );
+
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    bus.publish(EventBody::Heartbeat {
+        source_time: now_ms(),
+    })
+    .await;
+    wait_sync("ready after a heartbeat", Duration::from_secs(10), || {
+        http_get(&c.http, "/readyz")
+            .filter(|(s, _)| *s == 200)
+            .map(|_| ())
+    });
+    let staleness = c.metric("rtinval_consumer_staleness_seconds");
+    assert!((0.0..2.0).contains(&staleness), "{staleness}");
+    // No heartbeat for longer than the bound: not ready, saying why.
+    wait_sync("not ready when stale", Duration::from_secs(10), || {
+        http_get(&c.http, "/readyz")
+            .filter(|(s, b)| *s == 503 && b.contains("stale"))
+            .map(|_| ())
+    });
+
+    // SIGHUP re-validates the config file and keeps running.
+    std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(c.proc.pid().to_string())
+        .status()
+        .unwrap();
+    wait_sync("SIGHUP logged", Duration::from_secs(10), || {
+        c.proc
+            .log_text()
+            .contains("SIGHUP: config is valid")
+            .then_some(())
+    });
+    assert!(c.proc.try_exit().is_none());
+
+    // SIGTERM: exits 0 promptly, offsets committed: a restart does not resync again.
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["rtapi".into()],
+    })
+    .await;
+    c.wait_metric(
+        "rtinval_consumer_events_applied_total{kind=\"pool_reset\"}",
+        1.0,
+        Duration::from_secs(20),
+    );
+    let t = Instant::now();
+    let status = c
+        .proc
+        .terminate(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    println!("consumer stopped {:?} after SIGTERM", t.elapsed());
+    assert!(c.proc.log_text().contains("Offsets committed."));
+    let mut again = ConsumerProc::start(dir.path(), "consumer-again", &config);
+    again.wait_consuming();
+    assert!(
+        !again.proc.log_text().contains("no_committed_offset"),
+        "{}",
+        again.proc.log_text()
+    );
+}
+
+#[test]
+fn unreachable_cache_or_broker_at_start_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("unreachable");
+    let config = format!(
+        "{}{}",
+        kafka_section(&prefix),
+        redis_cache("rt", "x:", "").replace(&Stack::get().redis_url, "redis://127.0.0.1:1")
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    let status = wait_sync("consumer exits", Duration::from_secs(30), || {
+        c.proc.try_exit()
+    });
+    assert_eq!(status.code(), Some(1));
+    let log = c.proc.log_text();
+    assert!(
+        log.contains("rtinval-consumer: cache rt (redis://127.0.0.1:1)"),
+        "{log}"
+    );
+
+    let pool = StandInPool::start(dir.path(), "pool");
+    let config = format!(
+        "{}{}",
+        kafka_section(&prefix),
+        signal_pool("rtapi", &pool, 20, 200)
+    )
+    .replace(&Stack::get().brokers, "127.0.0.1:1");
+    let mut c = ConsumerProc::start(dir.path(), "consumer-nobroker", &config);
+    let status = wait_sync("consumer exits", Duration::from_secs(60), || {
+        c.proc.try_exit()
+    });
+    assert_eq!(status.code(), Some(1));
+    let log = c.proc.log_text();
+    assert!(
+        log.contains("rtinval-consumer: Kafka (127.0.0.1:1)"),
+        "{log}"
+    );
+}
