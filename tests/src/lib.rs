@@ -477,13 +477,18 @@ pub struct ConsumerProc {
 impl ConsumerProc {
     /// Write `config` (with `[http] listen` appended) and start `rtinval-consumer run`.
     pub fn start(dir: &Path, name: &str, config: &str) -> ConsumerProc {
+        ConsumerProc::start_with(dir, name, config, &bin("rtinval-consumer"))
+    }
+
+    /// Like [`ConsumerProc::start`] with an explicit binary (e.g. a release build).
+    pub fn start_with(dir: &Path, name: &str, config: &str, binary: &Path) -> ConsumerProc {
         let http = format!("127.0.0.1:{}", free_port());
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, format!("{config}\n[http]\nlisten = \"{http}\"\n"))
             .expect("write config");
         let proc = Proc::spawn(
             name,
-            Command::new(bin("rtinval-consumer"))
+            Command::new(binary)
                 .arg("--config")
                 .arg(&path)
                 .arg("run")
