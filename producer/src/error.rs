@@ -56,6 +56,10 @@ pub enum SourceError {
     },
     #[error("query on the source failed: {0}")]
     Query(#[from] mysql_async::Error),
+    #[error(
+        "lost the leader lock {lock} (its connection to the source broke); another producer may lead now"
+    )]
+    LostLeadership { lock: String },
     #[error("the publish stage stopped")]
     OutputClosed,
 }

@@ -27,6 +27,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod publish;
 pub mod rules;
@@ -78,8 +79,34 @@ pub async fn run(
 ) -> Result<(), PipelineError> {
     let topics = Topics::new(&config.kafka.topic_prefix);
     let source = BinlogSource::new(config.clone(), metrics.clone())?;
-    // Fail fast on server settings and rules before touching Kafka state.
+    // Fail fast on server settings and rules, on standbys too.
     source.check().await?;
+    let mut stages: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
+    if !config.http.listen.is_empty() {
+        let (listen, m, sd) = (
+            config.http.listen.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        stages.spawn(async move {
+            let r = metrics::serve(&listen, m, sd).await;
+            (
+                "http",
+                r.map_err(|error| PipelineError::Http { listen, error }),
+            )
+        });
+    }
+    // Only the leader streams, and it reads the checkpoint only once it holds the lock.
+    let lock_name = leader::lock_name(&config.kafka.checkpoint_key, &config.kafka.topic_prefix);
+    let Some(lock) = leader::LeaderLock::acquire(&config.source.url, &lock_name, &shutdown).await?
+    else {
+        shutdown.cancel();
+        while stages.join_next().await.is_some() {}
+        return Ok(());
+    };
+    let sd = shutdown.clone();
+    stages.spawn(async move { ("leader", lock.hold(sd).await.map_err(Into::into)) });
+
     publish::ensure_topics(&config.kafka, &topics).await?;
     let producer = publish::producer(&config.kafka)?;
     let mut partitions = BTreeMap::new();
@@ -111,8 +138,6 @@ pub async fn run(
         interval: Duration::from_millis(config.producer.checkpoint_ms),
         metrics: metrics.clone(),
     };
-
-    let mut stages: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
     let sd = shutdown.clone();
     stages.spawn(async move {
         (
@@ -136,20 +161,6 @@ pub async fn run(
             checkpointer.run(inflight_rx).await.map_err(Into::into),
         )
     });
-    if !config.http.listen.is_empty() {
-        let (listen, m, sd) = (
-            config.http.listen.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        stages.spawn(async move {
-            let r = metrics::serve(&listen, m, sd).await;
-            (
-                "http",
-                r.map_err(|error| PipelineError::Http { listen, error }),
-            )
-        });
-    }
     info!(topics = ?topics, "Producer running.");
 
     let mut first_error = None;

@@ -534,3 +534,45 @@ impl ConsumerProc {
         });
     }
 }
+
+/// A replica server id unique among concurrently running tests (the source drops a replica
+/// connection when another registers with the same id).
+pub fn server_id() -> u32 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    1_000_000 + (std::process::id() % 100_000) * 10 + N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Every event on partition 0 of `topic`, from the beginning to the current end.
+pub async fn read_events(topic: &str) -> Vec<rtinval_schemas::Event> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &Stack::get().brokers)
+        .set("group.id", unique("observer"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("observer consumer");
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(30))
+        .expect("watermarks");
+    let mut out = Vec::new();
+    if high <= low {
+        return out;
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(low))
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("message in time")
+            .expect("message");
+        if let Ok(e) = rtinval_schemas::Event::from_json(m.payload().unwrap_or_default()) {
+            out.push(e);
+        }
+        if m.offset() + 1 >= high {
+            return out;
+        }
+    }
+}

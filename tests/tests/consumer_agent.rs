@@ -130,6 +130,74 @@ async fn reloaders_signal_command_and_http_retry_until_success() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offset_is_committed_only_after_the_reload_succeeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("commit");
+    let bus = Bus::new(&prefix).await;
+    let log = dir.path().join("reloads.log");
+    let pool = |cmd: &str| {
+        format!(
+            "{}[pools.p]\nreload = \"command\"\ncommand = [\"bash\", \"-c\", {cmd:?}]\ntimeout_secs = 5\ndebounce_ms = 20\nmax_delay_ms = 200\n",
+            kafka_section(&prefix)
+        )
+    };
+    let works = format!("echo ok >> {}", log.display());
+    // Start once with a working reloader so the group has committed offsets.
+    let mut c = ConsumerProc::start(dir.path(), "first", &pool(&works));
+    c.wait_consuming();
+    wait_sync("initial resync reload", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|s| s.lines().count() == 1)
+            .then_some(())
+    });
+    assert_eq!(
+        c.proc
+            .terminate(Duration::from_secs(15))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+
+    // Now the reload keeps failing: the event is received but not applied, so not committed.
+    let mut c = ConsumerProc::start(dir.path(), "failing", &pool("exit 1"));
+    c.wait_consuming();
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["p".into()],
+    })
+    .await;
+    c.wait_metric(
+        "rtinval_consumer_pool_reload_failures_total{pool=\"p\"}",
+        2.0,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        c.proc
+            .terminate(Duration::from_secs(15))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    assert!(!c.proc.log_text().contains("no_committed_offset"));
+
+    // With a working reloader again, the restarted node re-reads the uncommitted event.
+    let mut c = ConsumerProc::start(dir.path(), "fixed", &pool(&works));
+    c.wait_consuming();
+    wait_sync(
+        "the uncommitted reset applied after restart",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|s| s.lines().count() == 2)
+                .then_some(())
+        },
+    );
+    c.wait_metric(
+        "rtinval_consumer_events_applied_total{kind=\"pool_reset\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert!(!c.proc.log_text().contains("no_committed_offset"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_resets_in_one_second_cause_a_few_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique("burst");
@@ -212,8 +280,11 @@ async fn purgers_redis_memcached_flushes_and_the_second_purge() {
         format!("{prefix}:rs:"),
         format!("{prefix}:mc:"),
     );
+    // A cache that owns Redis database 7 (only this test uses it) flushes with FLUSHDB.
+    let db7 = format!("{}/7", Stack::get().redis_url);
     let config = format!(
-        "{}{}{}[caches.mc]\nkind = \"memcached\"\nurl = \"memcached://{}\"\nprefix = \"{mp}\"\n",
+        "{}{}{}[caches.mc]\nkind = \"memcached\"\nurl = \"memcached://{}\"\nprefix = \"{mp}\"\n\n\
+         [caches.own]\nkind = \"redis\"\nurl = \"{db7}\"\nflush = \"flushdb\"\n",
         kafka_section(&prefix),
         redis_cache("rp", &rp, ""),
         redis_cache("rs", &rs, "second_purge_ms = 700"),
@@ -313,6 +384,30 @@ async fn purgers_redis_memcached_flushes_and_the_second_purge() {
         "a prefix flush leaves other keys alone"
     );
     assert!(mc_get(&mut mc, &format!("{mp}keep")).await.is_none());
+
+    // FLUSHDB empties the cache's own database and nothing else.
+    let mut own = redis::Client::open(db7.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = own.set("object:1", "v").await.unwrap();
+    bus.publish(EventBody::CacheFlush {
+        cache: "own".into(),
+        reason: "too_many_keys".into(),
+    })
+    .await;
+    c.wait_metric(
+        "rtinval_consumer_cache_flushes_total{cache=\"own\"}",
+        2.0,
+        Duration::from_secs(20),
+    );
+    let size: usize = redis::cmd("DBSIZE").query_async(&mut own).await.unwrap();
+    assert_eq!(size, 0);
+    assert!(
+        r.exists::<_, bool>(&unrelated).await.unwrap(),
+        "database 0 untouched by FLUSHDB on 7"
+    );
 
     // A key memcached cannot address (a space) flushes the cache instead of being skipped.
     mc_set(&mut mc, &format!("{mp}x")).await;

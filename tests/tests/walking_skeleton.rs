@@ -14,20 +14,12 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use rtinval_tests::{
-    Proc, Stack, StandInPool, TestDb, bin, free_port, http_get, redis, unique, wait_for, wait_sync,
+    Proc, Stack, StandInPool, TestDb, bin, free_port, http_get, redis, server_id, unique, wait_for,
+    wait_sync,
 };
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
 const RULES: &str = include_str!("../fixtures/racktables/rules.toml");
-
-/// A producer server id unique among concurrently running tests (the source drops a replica
-/// connection when another registers with the same id).
-fn server_id() -> u32 {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    1_000_000
-        + (std::process::id() % 100_000) * 10
-        + N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
 
 fn producer_config(db: &str, prefix: &str) -> String {
     let s = Stack::get();

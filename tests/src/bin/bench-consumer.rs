@@ -250,7 +250,7 @@ async fn main() {
         "\nrtinval-consumer footprint and purge throughput ({} keys, idle window {} s)",
         n, args.idle_secs
     );
-    println!("{:<52} {:>14}  {}", "measure", "value", "target");
+    println!("{:<52} {:>14}  target", "measure", "value");
     for (name, v, target) in &rows {
         println!("{name:<52} {v:>14.1}  {target}");
     }
