@@ -72,7 +72,13 @@ pub struct TableShape {
     pub names: Arc<[String]>,
     /// For ENUM columns, the value names (the binlog carries 1-based indexes).
     enums: Vec<Option<Arc<[String]>>>,
+    /// For fixed-length string columns (CHAR/BINARY(n)), the length in bytes: MariaDB strips
+    /// the trailing zero bytes of BINARY(n) values in the binlog; they are padded back.
+    fixed_len: Vec<Option<usize>>,
 }
+
+/// The binary pseudo-charset: BINARY/VARBINARY/BLOB columns.
+const BINARY_CHARSET: u16 = 63;
 
 impl TableShape {
     /// Read names and ENUM values from the optional metadata; `None` when the server did not
@@ -111,9 +117,18 @@ impl TableShape {
                 _ => None,
             })
             .collect();
+        let fixed_len = (0..names.len())
+            .map(|i| match tme.get_column_type(i) {
+                Ok(Some(ColumnType::MYSQL_TYPE_STRING)) => {
+                    tme.get_column_metadata(i).and_then(string_length)
+                }
+                _ => None,
+            })
+            .collect();
         Some(TableShape {
             names: names.into(),
             enums,
+            fixed_len,
         })
     }
 
@@ -130,6 +145,18 @@ impl TableShape {
             };
             out.push(match (v, self.enums.get(i)) {
                 (Value::Int(idx), Some(Some(names))) => enum_name(names, idx),
+                (Value::Bytes(mut b), _) => {
+                    let binary = row
+                        .columns_ref()
+                        .get(i)
+                        .is_some_and(|c| c.character_set() == BINARY_CHARSET);
+                    if let (true, Some(Some(n))) = (binary, self.fixed_len.get(i)) {
+                        if b.len() < *n {
+                            b.resize(*n, 0);
+                        }
+                    }
+                    Value::Bytes(b)
+                }
                 (v, _) => v,
             });
         }
@@ -145,11 +172,25 @@ impl TableShape {
     /// A shape with these column names and no ENUM columns.
     pub fn for_tests(names: Vec<String>) -> TableShape {
         let enums = vec![None; names.len()];
+        let fixed_len = vec![None; names.len()];
         TableShape {
             names: names.into(),
             enums,
+            fixed_len,
         }
     }
+}
+
+/// Byte length of a CHAR/BINARY column from its two metadata bytes (as the server encodes it:
+/// lengths over 255 borrow bits of the type byte).
+fn string_length(meta: &[u8]) -> Option<usize> {
+    let (&b0, &b1) = (meta.first()?, meta.get(1)?);
+    let (b0, b1) = (usize::from(b0), usize::from(b1));
+    Some(if (b0 & 0x30) != 0x30 {
+        b1 | (((b0 & 0x30) ^ 0x30) << 4)
+    } else {
+        b1
+    })
 }
 
 /// ENUM index → name, as the server would print it (index 0 is the empty error value).
@@ -221,6 +262,14 @@ mod tests {
         );
         assert_eq!(rendered(Value::Null), None);
         assert_eq!(rendered(Value::Absent), None);
+    }
+
+    #[test]
+    fn fixed_string_lengths_from_metadata() {
+        assert_eq!(string_length(&[0xfe, 16]), Some(16));
+        // CHAR(300) in a 1-byte charset: the high bits of the length live in the type byte.
+        assert_eq!(string_length(&[0xee, 44]), Some(300));
+        assert_eq!(string_length(&[0xfe]), None);
     }
 
     #[test]

@@ -80,7 +80,7 @@ pub async fn run(
     let topics = Topics::new(&config.kafka.topic_prefix);
     let source = BinlogSource::new(config.clone(), metrics.clone())?;
     // Fail fast on server settings and rules, on standbys too.
-    source.check().await?;
+    let info = source.check().await?;
     let mut stages: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
     if !config.http.listen.is_empty() {
         let (listen, m, sd) = (
@@ -142,7 +142,10 @@ pub async fn run(
     stages.spawn(async move {
         (
             "source",
-            source.run(start, batch_tx, sd).await.map_err(Into::into),
+            source
+                .run(info, start, batch_tx, sd)
+                .await
+                .map_err(Into::into),
         )
     });
     let sd = shutdown.clone();

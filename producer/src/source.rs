@@ -121,23 +121,46 @@ impl BinlogSource {
         })
     }
 
-    /// Connect once and run the start-up checks: server settings and rules against the schema.
+    /// Connect once and run the start-up checks: server settings, rules against the schema, and
+    /// a short binlog read that proves the account may replicate.
     pub async fn check(&self) -> Result<ServerInfo, SourceError> {
         let mut conn = self.connect().await?;
         let info = check_server(&mut conn).await?;
         validate_rules(&mut conn, &self.rules).await?;
-        let _ = conn.disconnect().await;
+        let position = current_position(&mut conn, info.server_id).await?;
+        // A replica id of its own: reusing the producer's would disconnect a running leader.
+        let probe_id = self.config.source.server_id.wrapping_add(0x4000_0000);
+        let request = BinlogStreamRequest::new(probe_id)
+            .with_filename(position.file.as_bytes())
+            .with_pos(position.pos)
+            .with_non_blocking();
+        let mut stream = conn
+            .get_binlog_stream(request)
+            .await
+            .map_err(privilege_error)?;
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Err(e))) => return Err(privilege_error(e)),
+            Ok(_) => {}
+            Err(_) => {
+                return Err(SourceError::Stream {
+                    position: position.to_string(),
+                    error: "no answer to a binlog request within 10 s".into(),
+                });
+            }
+        }
+        let _ = stream.close().await;
         Ok(info)
     }
 
-    /// Stream until `shutdown`, reconnecting on transient errors.
+    /// Stream until `shutdown`, reconnecting on transient errors. `info` is what
+    /// [`BinlogSource::check`] returned.
     pub async fn run(
         self,
+        info: ServerInfo,
         start: Start,
         output: mpsc::Sender<Batch>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
-        let info = self.check().await?;
         info!(server_id = info.server_id, version = %info.version, "Source server checks passed.");
         let mut position = match start {
             Start::Checkpoint(p) => {
@@ -283,6 +306,9 @@ impl BinlogSource {
                                 position: st.position.to_string(),
                                 error: e.message,
                             });
+                        }
+                        Ok(Some(Err(mysql_async::Error::Server(e)))) if is_privilege_error(e.code) => {
+                            return Err(SourceError::MissingPrivilege { msg: e.message });
                         }
                         Ok(Some(Err(e))) => {
                             return Err(SourceError::Stream {
@@ -510,6 +536,16 @@ impl BinlogSource {
             position: st.position.clone(),
             events,
         })
+    }
+}
+
+/// A server's "access denied" as [`SourceError::MissingPrivilege`], anything else as a query error.
+fn privilege_error(e: mysql_async::Error) -> SourceError {
+    match e {
+        mysql_async::Error::Server(s) if is_privilege_error(s.code) => {
+            SourceError::MissingPrivilege { msg: s.message }
+        }
+        e => SourceError::Query(e),
     }
 }
 

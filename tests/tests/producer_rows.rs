@@ -1,0 +1,217 @@
+//! Proves how the producer turns real binlog rows into keys and what it does when the schema
+//! moves under it: column types render as an application would print them (unsigned and
+//! signed integers, BINARY(16) with trailing zero bytes, ENUM, DATETIME, NULL, a multi-MB
+//! TEXT row); `ALTER TABLE` mid-stream (drop, rename, add a column) never stops the producer
+//! and a key that can no longer be derived becomes a `cache_flush`; and the documented grants
+//! are exactly enough, while a missing one stops the producer with one line naming it.
+//! Needs `scripts/stack up` and the binaries built.
+//! Run alone: `cargo test -p rtinval-tests --test producer_rows`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use rtinval_schemas::EventBody;
+use rtinval_tests::{Proc, Stack, TestDb, bin, read_events, server_id, unique, wait_sync};
+
+fn producer(dir: &Path, url: &str, db: &str, prefix: &str, rules: &str) -> Proc {
+    let s = Stack::get();
+    let cfg = format!(
+        "[source]\nurl = \"{url}\"\ndatabase = \"{db}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
+         [producer]\nheartbeat_ms = 200\n[http]\nlisten = \"\"\n{rules}",
+        server_id(),
+        s.brokers
+    );
+    let path = dir.join("producer.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut p = Proc::spawn(
+        "producer",
+        Command::new(bin("rtinval-producer"))
+            .arg("--config")
+            .arg(&path),
+        dir.join("producer.log"),
+    );
+    wait_sync("producer streaming", Duration::from_secs(30), || {
+        assert!(p.try_exit().is_none(), "producer exited:\n{}", p.log_text());
+        p.log_text().contains("Streaming binlog.").then_some(())
+    });
+    p
+}
+
+/// Wait until the cache-keys topic holds an event matching `pred`; returns all bodies so far.
+async fn wait_event(prefix: &str, what: &str, pred: impl Fn(&EventBody) -> bool) -> Vec<EventBody> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let bodies: Vec<EventBody> = read_events(&format!("{prefix}.cache-keys"))
+            .await
+            .into_iter()
+            .map(|e| e.body)
+            .collect();
+        if bodies.iter().any(&pred) {
+            return bodies;
+        }
+        assert!(Instant::now() < deadline, "no {what} event; got {bodies:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn has_key(key: &str) -> impl Fn(&EventBody) -> bool + '_ {
+    move |b| matches!(b, EventBody::CacheKeys { keys, .. } if keys.iter().any(|k| k == key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_types_render_as_the_application_sees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(
+        "types",
+        "CREATE TABLE T (id INT UNSIGNED NOT NULL PRIMARY KEY, big BIGINT UNSIGNED, neg INT, \
+         ip BINARY(16), realm ENUM('object','rack'), at DATETIME, body MEDIUMTEXT, nick VARCHAR(20) NULL) ENGINE=InnoDB",
+    )
+    .await;
+    let prefix = unique("types");
+    let rules = "[[rules]]\ntable = \"T\"\ncache = \"c\"\nkeys = [\"t:{id}:{big}:{neg}:{ip}:{realm}:{at}\", \"nick:{nick}\"]\n";
+    let _p = producer(
+        dir.path(),
+        &Stack::get().mysql_url,
+        &db.name,
+        &prefix,
+        rules,
+    );
+    db.exec(
+        "INSERT INTO T VALUES (4294967295, 18446744073709551615, -5, UNHEX('20010db8000000000000000000000000'), \
+         'rack', '2026-01-02 03:04:05', REPEAT('x', 5000000), NULL)",
+    )
+    .await;
+    let expected = "t:4294967295:18446744073709551615:-5:20010db8000000000000000000000000:rack:2026-01-02 03:04:05";
+    // What the application reads for the same row, through SQL:
+    let mut conn = db.pool.get_conn().await.unwrap();
+    let app: Option<String> = conn
+        .query_first("SELECT CONCAT('t:', id, ':', big, ':', neg, ':', LOWER(HEX(ip)), ':', realm, ':', at) FROM T")
+        .await
+        .unwrap();
+    assert_eq!(app.as_deref(), Some(expected));
+    let bodies = wait_event(&prefix, "typed key", has_key(expected)).await;
+    assert!(!bodies.iter().any(|b| matches!(b, EventBody::CacheKeys { keys, .. } if keys.iter().any(|k| k.starts_with("nick:")))), "NULL yields no key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alter_table_mid_stream_flushes_instead_of_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create("alter", include_str!("../fixtures/racktables/schema.sql")).await;
+    db.exec("INSERT INTO Object (id, name, asset_no) VALUES (1, 'a', 'A-1')")
+        .await;
+    let prefix = unique("alter");
+    let rules = "[[rules]]\ntable = \"Object\"\nreset_pools = [\"rtapi\"]\ncache = \"rt\"\nkeys = [\"object:{id}\", \"asset:{asset_no}\"]\n";
+    let mut p = producer(
+        dir.path(),
+        &Stack::get().mysql_url,
+        &db.name,
+        &prefix,
+        rules,
+    );
+
+    db.exec("UPDATE Object SET label = 'x' WHERE id = 1").await;
+    wait_event(&prefix, "asset key", has_key("asset:A-1")).await;
+
+    // The column a template needs disappears: the key cannot be derived, the cache is flushed.
+    db.exec("ALTER TABLE Object DROP COLUMN asset_no").await;
+    db.exec("UPDATE Object SET label = 'y' WHERE id = 1").await;
+    let flush = |b: &EventBody| matches!(b, EventBody::CacheFlush { reason, .. } if reason == "key_underivable");
+    let bodies = wait_event(&prefix, "cache_flush", flush).await;
+    assert_eq!(bodies.iter().filter(|b| flush(b)).count(), 1);
+    assert!(
+        p.log_text()
+            .contains("Rules reference columns the table no longer has"),
+        "reported in the log"
+    );
+
+    // Renamed back in under another name, then the original name returns: keys again.
+    db.exec("ALTER TABLE Object ADD COLUMN asset_tag char(64) DEFAULT 'T'")
+        .await;
+    db.exec("ALTER TABLE Object RENAME COLUMN asset_tag TO asset_no")
+        .await;
+    db.exec("UPDATE Object SET label = 'z', asset_no = 'A-2' WHERE id = 1")
+        .await;
+    wait_event(
+        &prefix,
+        "asset key after the column returned",
+        has_key("asset:A-2"),
+    )
+    .await;
+    assert!(p.try_exit().is_none(), "the producer survived every ALTER");
+    assert_eq!(
+        p.terminate(Duration::from_secs(15)).and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_grants_suffice_and_a_missing_one_is_named() {
+    let db = TestDb::create(
+        "grants",
+        "CREATE TABLE Object (id INT PRIMARY KEY, name CHAR(255)) ENGINE=InnoDB",
+    )
+    .await;
+    let s = Stack::get();
+    let admin = mysql_async::Pool::new(s.mysql_admin_url.as_str());
+    let mut conn = admin.get_conn().await.unwrap();
+    let host_port = s.mysql_url.rsplit_once('@').unwrap().1.to_owned();
+    let cases = [
+        ("REPLICATION SLAVE, BINLOG MONITOR", true, ""),
+        ("BINLOG MONITOR", false, "REPLICATION SLAVE"),
+        ("REPLICATION SLAVE", false, "BINLOG MONITOR"),
+    ];
+    for (i, (grants, ok, missing)) in cases.into_iter().enumerate() {
+        let user = format!("rtt_g{i}_{}", std::process::id());
+        conn.query_drop(format!("DROP USER IF EXISTS '{user}'@'127.0.0.1'"))
+            .await
+            .unwrap();
+        conn.query_drop(format!(
+            "CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'pw'"
+        ))
+        .await
+        .unwrap();
+        conn.query_drop(format!("GRANT {grants} ON *.* TO '{user}'@'127.0.0.1'"))
+            .await
+            .unwrap();
+        conn.query_drop(format!(
+            "GRANT SELECT ON `{}`.* TO '{user}'@'127.0.0.1'",
+            db.name
+        ))
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = format!(
+            "[source]\nurl = \"mysql://{user}:pw@{host_port}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\n\
+             [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
+            db.name,
+            server_id(),
+            s.brokers
+        );
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let out = Command::new(bin("rtinval-producer"))
+            .arg("--check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        conn.query_drop(format!("DROP USER '{user}'@'127.0.0.1'"))
+            .await
+            .unwrap();
+        if ok {
+            assert_eq!(out.status.code(), Some(0), "{grants}: {text}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{grants}: {text}");
+            assert!(
+                text.contains("lacks a privilege") && text.contains(missing),
+                "{grants}: {text}"
+            );
+        }
+    }
+}
