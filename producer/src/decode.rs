@@ -150,10 +150,10 @@ impl TableShape {
                         .columns_ref()
                         .get(i)
                         .is_some_and(|c| c.character_set() == BINARY_CHARSET);
-                    if let (true, Some(Some(n))) = (binary, self.fixed_len.get(i)) {
-                        if b.len() < *n {
-                            b.resize(*n, 0);
-                        }
+                    if let (true, Some(Some(n))) = (binary, self.fixed_len.get(i))
+                        && b.len() < *n
+                    {
+                        b.resize(*n, 0);
                     }
                     Value::Bytes(b)
                 }
