@@ -39,7 +39,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::checkpoint::Checkpointer;
 use crate::config::Config;
@@ -71,42 +71,78 @@ pub enum PipelineError {
     Panic(String),
 }
 
-/// Run the producer until `shutdown` or the first fatal error.
+/// Run the producer until `shutdown` or the first fatal error. Losing the leader lock (e.g. the
+/// source restarted) is not fatal: the pipeline stops, and the producer stands by for the lock
+/// again and resumes from the checkpoint once it leads.
 pub async fn run(
     config: Config,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
-    let topics = Topics::new(&config.kafka.topic_prefix);
-    let source = BinlogSource::new(config.clone(), metrics.clone())?;
-    // Fail fast on server settings and rules, on standbys too.
-    let info = source.check().await?;
-    let mut stages: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
-    if !config.http.listen.is_empty() {
+    let http = if config.http.listen.is_empty() {
+        None
+    } else {
         let (listen, m, sd) = (
             config.http.listen.clone(),
             metrics.clone(),
             shutdown.clone(),
         );
-        stages.spawn(async move {
-            let r = metrics::serve(&listen, m, sd).await;
-            (
-                "http",
-                r.map_err(|error| PipelineError::Http { listen, error }),
-            )
-        });
+        Some(tokio::spawn(async move {
+            metrics::serve(&listen, m, sd)
+                .await
+                .map_err(|error| PipelineError::Http { listen, error })
+        }))
+    };
+    // After a lost leadership the source may be restarting: transient errors are retried then
+    // (at first start they are reported, so a wrong address fails fast).
+    let mut recovering = false;
+    let result = loop {
+        match run_once(&config, &metrics, shutdown.child_token()).await {
+            Err(PipelineError::Source(e))
+                if !shutdown.is_cancelled()
+                    && (matches!(e, SourceError::LostLeadership { .. })
+                        || (recovering && e.is_transient())) =>
+            {
+                recovering = true;
+                warn!(error = %e, "Not leading; standing by for the lock again.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            other => break other,
+        }
+    };
+    shutdown.cancel();
+    if let Some(h) = http
+        && let Ok(Err(e)) = h.await
+    {
+        return result.and(Err(e));
     }
+    result
+}
+
+/// One term as leader: wait for the lock, then stream until `shutdown` or an error.
+async fn run_once(
+    config: &Config,
+    metrics: &Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    let config = config.clone();
+    let metrics = metrics.clone();
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    let source = BinlogSource::new(config.clone(), metrics.clone())?;
+    // Fail fast on server settings and rules, on standbys too.
+    let info = source.check().await?;
+    let mut stages: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
     // Only the leader streams, and it reads the checkpoint only once it holds the lock.
     let lock_name = leader::lock_name(&config.kafka.checkpoint_key, &config.kafka.topic_prefix);
     let Some(lock) = leader::LeaderLock::acquire(&config.source.url, &lock_name, &shutdown).await?
     else {
-        shutdown.cancel();
-        while stages.join_next().await.is_some() {}
         return Ok(());
     };
     let sd = shutdown.clone();
     stages.spawn(async move { ("leader", lock.hold(sd).await.map_err(Into::into)) });
-
     publish::ensure_topics(&config.kafka, &topics).await?;
     let producer = publish::producer(&config.kafka)?;
     let mut partitions = BTreeMap::new();

@@ -29,6 +29,8 @@ pub struct Stack {
     pub brokers: String,
     pub redis_url: String,
     pub memcached: String,
+    /// The tansu binary the stack runs (for tests that need a broker of their own).
+    pub tansu_bin: PathBuf,
 }
 
 /// The workspace root (where `scripts/` lives).
@@ -70,6 +72,7 @@ impl Stack {
                 brokers: get("RTINVAL_KAFKA_BROKERS"),
                 redis_url: get("RTINVAL_REDIS_URL"),
                 memcached: get("RTINVAL_MEMCACHED"),
+                tansu_bin: PathBuf::from(get("RTINVAL_TANSU_BIN")),
             }
         })
     }
@@ -542,12 +545,17 @@ pub fn server_id() -> u32 {
     1_000_000 + (std::process::id() % 100_000) * 10 + N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Every event on partition 0 of `topic`, from the beginning to the current end.
+/// Every event on partition 0 of `topic` of the stack's broker, from the beginning to the end.
 pub async fn read_events(topic: &str) -> Vec<rtinval_schemas::Event> {
+    read_events_from(&Stack::get().brokers, topic).await
+}
+
+/// Every event on partition 0 of `topic` of `brokers`, from the beginning to the current end.
+pub async fn read_events_from(brokers: &str, topic: &str) -> Vec<rtinval_schemas::Event> {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &Stack::get().brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("observer"))
         .set("enable.auto.commit", "false")
         .create()
@@ -574,5 +582,189 @@ pub async fn read_events(topic: &str) -> Vec<rtinval_schemas::Event> {
         if m.offset() + 1 >= high {
             return out;
         }
+    }
+}
+
+/// A MariaDB server of one test's own (for restarts and binlog purges that would disturb
+/// other tests on the shared stack), configured like the stack's.
+pub struct PrivateMariaDb {
+    pub proc: Option<Proc>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateMariaDb {
+    pub fn start(dir: &Path) -> PrivateMariaDb {
+        let data = dir.join("mariadb");
+        let out = Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ])
+            .arg(format!("--datadir={}", data.join("data").display()))
+            .output()
+            .expect("mariadb-install-db runs");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut db = PrivateMariaDb {
+            proc: None,
+            port: free_port(),
+            dir: data,
+        };
+        db.run();
+        db.sql(
+            "CREATE USER 'rtinval'@'127.0.0.1' IDENTIFIED BY 'rtinval';\n\
+             GRANT REPLICATION SLAVE, BINLOG MONITOR, SELECT ON *.* TO 'rtinval'@'127.0.0.1';\n\
+             CREATE USER 'admin'@'127.0.0.1' IDENTIFIED BY 'admin';\n\
+             GRANT ALL PRIVILEGES ON *.* TO 'admin'@'127.0.0.1'",
+        );
+        db
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("mysqld.sock")
+    }
+
+    fn run(&mut self) {
+        let d = &self.dir;
+        let proc = Proc::spawn(
+            "private-mariadb",
+            Command::new("mariadbd")
+                .args([
+                    "--no-defaults",
+                    "--user=root",
+                    "--bind-address=127.0.0.1",
+                    "--skip-name-resolve",
+                    "--server-id=7",
+                ])
+                .args([
+                    "--binlog-format=ROW",
+                    "--binlog-row-image=FULL",
+                    "--binlog-row-metadata=FULL",
+                ])
+                .args([
+                    "--innodb-buffer-pool-size=32M",
+                    "--innodb-log-file-size=16M",
+                ])
+                .arg(format!("--datadir={}", d.join("data").display()))
+                .arg(format!("--socket={}", self.socket().display()))
+                .arg(format!("--port={}", self.port))
+                .arg(format!("--pid-file={}", d.join("mariadbd.pid").display()))
+                .arg(format!("--log-bin={}", d.join("mariadb-bin").display())),
+            d.join("mariadbd.log"),
+        );
+        self.proc = Some(proc);
+        let port = self.port;
+        wait_sync("private MariaDB listening", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    /// Run SQL as root over the socket.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "-N", "-B"])
+            .arg(format!("--socket={}", self.socket().display()))
+            .arg("-e")
+            .arg(sql)
+            .output()
+            .expect("mariadb client runs");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn producer_url(&self) -> String {
+        format!("mysql://rtinval:rtinval@127.0.0.1:{}", self.port)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("mysql://admin:admin@127.0.0.1:{}", self.port)
+    }
+
+    /// Clean shutdown and start again on the same port and data.
+    pub fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            assert!(
+                p.terminate(Duration::from_secs(60)).is_some(),
+                "MariaDB did not stop"
+            );
+        }
+        self.run();
+    }
+}
+
+/// A tansu broker of one test's own (sqlite storage), for broker outages.
+pub struct PrivateBroker {
+    pub proc: Option<Proc>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateBroker {
+    pub fn start(dir: &Path) -> PrivateBroker {
+        let dir = dir.join("tansu");
+        std::fs::create_dir_all(&dir).expect("tansu dir");
+        let mut b = PrivateBroker {
+            proc: None,
+            port: free_port(),
+            dir,
+        };
+        b.run();
+        b
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn run(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let proc = Proc::spawn(
+            "private-tansu",
+            Command::new(&Stack::get().tansu_bin)
+                .current_dir(&self.dir)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "sqlite://tansu.db"]),
+            self.dir.join(format!("tansu-{}.log", std::process::id())),
+        );
+        self.proc = Some(proc);
+        let port = self.port;
+        wait_sync("private tansu listening", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    /// SIGKILL (a crash), then nothing listens until [`PrivateBroker::resume`].
+    pub fn crash(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(p.pid().to_string())
+                .status();
+            wait_sync("tansu killed", Duration::from_secs(10), || p.try_exit());
+        }
+    }
+
+    pub fn resume(&mut self) {
+        self.run();
     }
 }

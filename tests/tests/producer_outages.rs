@@ -1,0 +1,262 @@
+//! Proves that outages of the source and of the broker lose no invalidation, and that a
+//! position purged from the server becomes a `resync`, not a silent gap. These tests restart
+//! and purge servers, so each runs its own MariaDB (and broker) from the stack's packages
+//! instead of disturbing the shared stack. Needs `scripts/stack up` (for the tansu binary)
+//! and the binaries built. Run alone:
+//! `cargo test -p rtinval-tests --test producer_outages -- --nocapture`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use rtinval_schemas::EventBody;
+use rtinval_tests::{
+    PrivateBroker, PrivateMariaDb, Proc, Stack, bin, read_events_from, server_id, unique, wait_sync,
+};
+
+const OBJECTS: u32 = 100;
+
+fn producer(dir: &Path, name: &str, url: &str, brokers: &str, prefix: &str) -> Proc {
+    let cfg = format!(
+        "[source]\nurl = \"{url}\"\ndatabase = \"rt\"\nserver_id = {}\nread_timeout_secs = 3\n\
+         [kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\n\
+         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 100\n[http]\nlisten = \"\"\n\
+         [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}:{{label}}\"]\n",
+        server_id()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    let mut p = Proc::spawn(
+        name,
+        Command::new(bin("rtinval-producer"))
+            .arg("--config")
+            .arg(&path),
+        dir.join(format!("{name}.log")),
+    );
+    wait_sync("producer streaming", Duration::from_secs(60), || {
+        assert!(p.try_exit().is_none(), "producer exited:\n{}", p.log_text());
+        p.log_text().contains("Streaming binlog.").then_some(())
+    });
+    p
+}
+
+fn create_schema(db: &PrivateMariaDb) {
+    let rows: Vec<String> = (1..=OBJECTS)
+        .map(|i| format!("({i}, 'obj-{i}', 'init')"))
+        .collect();
+    db.sql(&format!(
+        "CREATE DATABASE rt; CREATE TABLE rt.Object (id INT UNSIGNED PRIMARY KEY, name CHAR(255), label CHAR(255)) ENGINE=InnoDB; \
+         INSERT INTO rt.Object VALUES {}",
+        rows.join(", ")
+    ));
+}
+
+/// `n` single-row writes; a write that fails (server down) is retried until it succeeds, and
+/// only acknowledged writes are expected.
+fn writer(url: String, n: u32, pace: Duration) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let pool = mysql_async::Pool::new(url.as_str());
+        let mut expected = Vec::new();
+        for w in 0..n {
+            let id = w % OBJECTS + 1;
+            loop {
+                let attempt = async {
+                    let mut conn = pool.get_conn().await?;
+                    conn.exec_drop(
+                        "UPDATE rt.Object SET label = ? WHERE id = ?",
+                        (format!("w{w}"), id),
+                    )
+                    .await
+                };
+                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok(())) => break,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            expected.push(format!("object:{id}:w{w}"));
+            tokio::time::sleep(pace).await;
+        }
+        expected
+    })
+}
+
+async fn keys_on(brokers: &str, prefix: &str) -> HashSet<String> {
+    let mut keys = HashSet::new();
+    for e in read_events_from(brokers, &format!("{prefix}.cache-keys")).await {
+        if let EventBody::CacheKeys { keys: ks, .. } = e.body {
+            keys.extend(ks);
+        }
+    }
+    keys
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_restart_and_broker_crash_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = PrivateMariaDb::start(dir.path());
+    create_schema(&db);
+    let mut broker = PrivateBroker::start(dir.path());
+    let prefix = unique("outage");
+    let mut p = producer(
+        dir.path(),
+        "producer",
+        &db.producer_url(),
+        &broker.brokers(),
+        &prefix,
+    );
+
+    let writes = writer(db.admin_url(), 1200, Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    db.restart();
+    println!("source restarted");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rss_before = rss_kb(p.pid());
+    broker.crash();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rss_during = rss_kb(p.pid());
+    assert!(
+        p.try_exit().is_none(),
+        "the producer must wait for the broker, not exit:\n{}",
+        p.log_text()
+    );
+    broker.resume();
+    println!(
+        "broker back; producer RSS {rss_before} kB before the outage, {rss_during} kB after 4 s of it"
+    );
+    let expected = writes.await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let keys = keys_on(&broker.brokers(), &prefix).await;
+        let missing: Vec<&String> = expected.iter().filter(|k| !keys.contains(*k)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} changes never invalidated, e.g. {:?}\n{}",
+            missing.len(),
+            expected.len(),
+            &missing[..missing.len().min(5)],
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let reconnects = p.log_text().matches("reconnecting").count();
+    println!(
+        "outages: {} changes written, all invalidated, {reconnects} source reconnects",
+        expected.len()
+    );
+    assert!(reconnects >= 1, "the source restart was noticed");
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "memory stays bounded while Kafka is down"
+    );
+    assert!(p.try_exit().is_none(), "{}", p.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_position_publishes_a_resync_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = PrivateMariaDb::start(dir.path());
+    create_schema(&db);
+    let brokers = Stack::get().brokers.clone();
+    let prefix = unique("purged");
+    let admin = mysql_async::Pool::new(db.admin_url().as_str());
+    let write = |label: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let mut c = admin.get_conn().await.unwrap();
+            c.exec_drop("UPDATE rt.Object SET label = ? WHERE id = 1", (label,))
+                .await
+                .unwrap();
+        }
+    };
+    let wait_key = |key: &'static str| {
+        let brokers = brokers.clone();
+        let prefix = prefix.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !keys_on(&brokers, &prefix).await.contains(key) {
+                assert!(Instant::now() < deadline, "{key} never published");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+
+    let mut p = producer(dir.path(), "first", &db.producer_url(), &brokers, &prefix);
+    write("a").await;
+    wait_key("object:1:a").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.terminate(Duration::from_secs(15)).and_then(|s| s.code()),
+        Some(0)
+    );
+
+    // While the producer is down, its position is rotated away and purged.
+    write("lost").await;
+    // MariaDB keeps a binlog until its binlog checkpoint moved on: rotate and purge until the
+    // file holding the producer's position is gone.
+    let mut purged = false;
+    for _ in 0..20 {
+        db.sql("FLUSH BINARY LOGS");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let current = db
+            .sql("SHOW MASTER STATUS")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        db.sql(&format!("PURGE BINARY LOGS TO '{current}'"));
+        if !db.sql("SHOW BINARY LOGS").contains("mariadb-bin.000001") {
+            purged = true;
+            break;
+        }
+    }
+    assert!(
+        purged,
+        "could not purge the first binlog: {}",
+        db.sql("SHOW BINARY LOGS")
+    );
+
+    let p = producer(dir.path(), "second", &db.producer_url(), &brokers, &prefix);
+    wait_sync(
+        "the position-lost log line",
+        Duration::from_secs(30),
+        || {
+            p.log_text()
+                .contains("Binlog position no longer on the server: publishing resync.")
+                .then_some(())
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resyncs: Vec<String> = read_events_from(&brokers, &format!("{prefix}.pool-reset"))
+        .await
+        .into_iter()
+        .filter_map(|e| match e.body {
+            EventBody::Resync { reason } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        resyncs,
+        vec!["no_checkpoint".to_string(), "position_lost".to_string()]
+    );
+    write("after").await;
+    wait_key("object:1:after").await;
+}
