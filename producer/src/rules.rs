@@ -107,8 +107,39 @@ pub struct TableRules {
     /// Column names and ENUM values of the table map the rules were compiled against.
     pub shape: TableShape,
     rules: Vec<CompiledRule>,
+    /// Child rules reached through foreign keys whose actions the engine applies unlogged.
+    cascades: Vec<CompiledCascade>,
     /// Columns rules reference that the table does not have (reported once per compile).
     pub missing_columns: Vec<String>,
+}
+
+/// A foreign key whose `ON DELETE` / `ON UPDATE` action (CASCADE or SET NULL) changes child
+/// rows inside InnoDB, where the binlog never sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignKey {
+    pub name: String,
+    /// `database.table` of the child.
+    pub child: String,
+    pub child_columns: Vec<String>,
+    /// Referenced columns of the parent, in the same order.
+    pub parent_columns: Vec<String>,
+    /// Deleting a parent row changes children (CASCADE or SET NULL).
+    pub on_delete: bool,
+    /// Updating a referenced parent column changes children (CASCADE or SET NULL).
+    pub on_update: bool,
+}
+
+/// A child rule compiled against the parent's columns: child key columns that are foreign-key
+/// columns read the parent's referenced value; any other column makes the key underivable.
+#[derive(Debug)]
+struct CompiledCascade {
+    on_delete: bool,
+    on_update: bool,
+    /// Parent indexes of the referenced columns (an update fires if one of them changed).
+    referenced: Vec<Option<usize>>,
+    pools: Vec<Arc<str>>,
+    cache: Option<Arc<str>>,
+    keys: Vec<CompiledTemplate>,
 }
 
 #[derive(Debug)]
@@ -163,6 +194,17 @@ impl CompiledTemplate {
 impl TableRules {
     /// Compile `rules` (all for this table) against the table's current column names.
     pub fn compile(table: &str, rules: &[&Rule], shape: TableShape) -> TableRules {
+        TableRules::compile_with_cascades(table, rules, &[], shape)
+    }
+
+    /// Like [`TableRules::compile`], plus the rules of child tables reached through `fks`
+    /// (foreign keys whose parent is this table), each with the child's rules.
+    pub fn compile_with_cascades(
+        table: &str,
+        rules: &[&Rule],
+        fks: &[(ForeignKey, Vec<&Rule>)],
+        shape: TableShape,
+    ) -> TableRules {
         let columns = shape.names.clone();
         let mut missing = BTreeSet::new();
         let mut index = |name: &str| {
@@ -202,10 +244,52 @@ impl TableRules {
                     .collect(),
             })
             .collect();
+        let position = |name: &str| columns.iter().position(|c| c.eq_ignore_ascii_case(name));
+        let mut cascades = Vec::new();
+        for (fk, child_rules) in fks {
+            for r in child_rules {
+                // A child column that is a foreign-key column has the parent's referenced value.
+                let via_fk = |child_col: &str| {
+                    fk.child_columns
+                        .iter()
+                        .position(|c| c.eq_ignore_ascii_case(child_col))
+                        .and_then(|i| fk.parent_columns.get(i))
+                        .and_then(|parent_col| position(parent_col))
+                };
+                cascades.push(CompiledCascade {
+                    on_delete: fk.on_delete,
+                    on_update: fk.on_update,
+                    referenced: fk.parent_columns.iter().map(|c| position(c)).collect(),
+                    pools: r
+                        .reset_pools
+                        .iter()
+                        .map(|p| Arc::from(p.as_str()))
+                        .collect(),
+                    cache: r.cache.as_deref().map(Arc::from),
+                    keys: r
+                        .keys
+                        .iter()
+                        .map(|t| {
+                            CompiledTemplate(
+                                t.parts
+                                    .iter()
+                                    .map(|p| match p {
+                                        Part::Literal(l) => CompiledPart::Literal(l.clone()),
+                                        Part::Column(c) => via_fk(c)
+                                            .map_or(CompiledPart::Missing, CompiledPart::Column),
+                                    })
+                                    .collect(),
+                            )
+                        })
+                        .collect(),
+                });
+            }
+        }
         TableRules {
             table: Arc::from(table),
             shape,
             rules: compiled,
+            cascades,
             missing_columns: missing.into_iter().collect(),
         }
     }
@@ -232,6 +316,53 @@ impl TableRules {
                         }),
                     }
                 }
+            }
+        }
+        for c in &self.cascades {
+            if !c.fires_on(change) {
+                continue;
+            }
+            out.extend(c.pools.iter().map(|p| Intent::ResetPool(p.clone())));
+            let (Some(cache), Some(before)) = (&c.cache, &change.before) else {
+                continue;
+            };
+            // The children held the parent's old key values.
+            for template in &c.keys {
+                match template.render(before) {
+                    Rendered::Key(key) => out.push(Intent::PurgeKey {
+                        cache: cache.clone(),
+                        key,
+                    }),
+                    Rendered::NoKey => {}
+                    Rendered::Underivable => out.push(Intent::FlushCache {
+                        cache: cache.clone(),
+                        reason: "cascade_underivable",
+                    }),
+                }
+            }
+        }
+    }
+
+    /// True when some child table's rules depend on this table's rows through a cascade.
+    pub fn has_cascades(&self) -> bool {
+        !self.cascades.is_empty()
+    }
+}
+
+impl CompiledCascade {
+    fn fires_on(&self, change: &RowChange) -> bool {
+        match change.op {
+            Op::Insert => false,
+            Op::Delete => self.on_delete,
+            Op::Update => {
+                self.on_update
+                    && match (&change.before, &change.after) {
+                        (Some(b), Some(a)) => self.referenced.iter().any(|i| match i {
+                            Some(i) => b.get(*i) != a.get(*i),
+                            None => true,
+                        }),
+                        _ => true,
+                    }
             }
         }
     }
@@ -388,6 +519,68 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn cascades_derive_child_keys_from_the_parent_or_flush() {
+        let child = rule(
+            "table = \"AttributeValue\"\nreset_pools = [\"p\"]\ncache = \"rt\"\nkeys = [\"attrs:{object_id}\", \"attr:{object_id}:{attr_id}\"]",
+        );
+        let fk = ForeignKey {
+            name: "AttributeValue-FK-object".into(),
+            child: "rt.AttributeValue".into(),
+            child_columns: vec!["object_id".into(), "object_tid".into()],
+            parent_columns: vec!["id".into(), "objtype_id".into()],
+            on_delete: true,
+            on_update: true,
+        };
+        let t = TableRules::compile_with_cascades(
+            "rt.Object",
+            &[],
+            &[(fk, vec![&child])],
+            cols(&["id", "name", "objtype_id"]),
+        );
+        let row =
+            |id: i64, tid: i64| vec![Value::Int(id), Value::Bytes(b"n".to_vec()), Value::Int(tid)];
+        let delete = RowChange {
+            op: Op::Delete,
+            before: Some(row(5, 4)),
+            after: None,
+        };
+        assert_eq!(
+            intents(&t, &delete),
+            vec![
+                Intent::ResetPool("p".into()),
+                key("rt", "attrs:5"),
+                Intent::FlushCache {
+                    cache: "rt".into(),
+                    reason: "cascade_underivable"
+                },
+            ]
+        );
+        // An update that leaves the referenced columns alone does not touch the children.
+        let rename = RowChange {
+            op: Op::Update,
+            before: Some(row(5, 4)),
+            after: Some(vec![
+                Value::Int(5),
+                Value::Bytes(b"m".to_vec()),
+                Value::Int(4),
+            ]),
+        };
+        assert!(intents(&t, &rename).is_empty());
+        let retype = RowChange {
+            op: Op::Update,
+            before: Some(row(5, 4)),
+            after: Some(row(5, 9)),
+        };
+        assert_eq!(intents(&t, &retype)[1], key("rt", "attrs:5"));
+        let insert = RowChange {
+            op: Op::Insert,
+            before: None,
+            after: Some(row(6, 4)),
+        };
+        assert!(intents(&t, &insert).is_empty());
     }
 
     #[test]

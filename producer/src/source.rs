@@ -34,7 +34,7 @@ use crate::decode::{self, RowChange};
 use crate::error::{SourceError, is_privilege_error};
 use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
 use crate::publish::Batch;
-use crate::rules::{Intent, TableRules};
+use crate::rules::{ForeignKey, Intent, TableRules};
 
 /// MariaDB event types that mysql_common does not decode.
 const MARIADB_ANNOTATE_ROWS: u8 = 160;
@@ -86,6 +86,10 @@ struct StreamState {
     caught_up: bool,
     last_commit_ms: u64,
     intents: Vec<Intent>,
+    /// Cascading foreign keys by parent `database.table`, children with rules only.
+    fks: HashMap<String, Vec<ForeignKey>>,
+    /// A DDL statement passed: foreign keys must be read again before the next table map.
+    fks_stale: bool,
 }
 
 impl BinlogSource {
@@ -250,6 +254,7 @@ impl BinlogSource {
         shutdown: &CancellationToken,
     ) -> Result<(), SourceError> {
         let mut conn = self.connect().await?;
+        let fks = load_foreign_keys(&mut conn, &self.rules).await?;
         let hb_ns = self.config.source.binlog_heartbeat_secs.max(1) * 1_000_000_000;
         conn.query_drop(format!("SET @master_heartbeat_period = {hb_ns}"))
             .await?;
@@ -274,6 +279,8 @@ impl BinlogSource {
             caught_up: false,
             last_commit_ms: 0,
             intents: Vec::new(),
+            fks,
+            fks_stale: false,
         };
         let read_timeout = Duration::from_secs(self.config.source.read_timeout_secs.max(1));
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval());
@@ -320,6 +327,13 @@ impl BinlogSource {
                     };
                     let batch = self.handle(&mut st, &stream, event)?;
                     *position = st.position.clone();
+                    if st.fks_stale {
+                        // After DDL: constraints may have changed. Read them on a side connection.
+                        let mut side = self.connect().await?;
+                        st.fks = load_foreign_keys(&mut side, &self.rules).await?;
+                        let _ = side.disconnect().await;
+                        st.fks_stale = false;
+                    }
                     if let Some(batch) = batch {
                         output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
                     }
@@ -412,10 +426,24 @@ impl BinlogSource {
                         .iter()
                         .filter(|r| r.database == db && r.table == name)
                         .collect();
-                    let compiled = if rules.is_empty() {
+                    let qualified = format!("{db}.{name}");
+                    let cascades: Vec<(ForeignKey, Vec<&Rule>)> = st
+                        .fks
+                        .get(&qualified)
+                        .into_iter()
+                        .flatten()
+                        .map(|fk| {
+                            let child: Vec<&Rule> = self
+                                .rules
+                                .iter()
+                                .filter(|r| r.qualified_table() == fk.child)
+                                .collect();
+                            (fk.clone(), child)
+                        })
+                        .collect();
+                    let compiled = if rules.is_empty() && cascades.is_empty() {
                         None
                     } else {
-                        let qualified = format!("{db}.{name}");
                         let shape = decode::TableShape::from_table_map(&tme).ok_or_else(|| {
                             SourceError::InvalidServerSetting {
                                 setting: "binlog_row_metadata",
@@ -425,7 +453,8 @@ impl BinlogSource {
                                 ),
                             }
                         })?;
-                        let t = TableRules::compile(&qualified, &rules, shape);
+                        let t =
+                            TableRules::compile_with_cascades(&qualified, &rules, &cascades, shape);
                         if !t.missing_columns.is_empty() {
                             warn!(table = %qualified, missing = ?t.missing_columns, "Rules reference columns the table no longer has: their keys become cache flushes.");
                         }
@@ -492,6 +521,7 @@ impl BinlogSource {
                     // of altered tables change, so cached compilations are dropped too.
                     debug!(query = %trimmed.chars().take(200).collect::<String>(), "DDL in binlog.");
                     st.tables.clear();
+                    st.fks_stale = true;
                     if st.standalone || st.batcher.is_empty() {
                         return Ok(self.commit(st, header.log_pos(), header.timestamp()));
                     }
@@ -635,6 +665,107 @@ async fn gtid_position(conn: &mut Conn) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Foreign keys whose ON DELETE / ON UPDATE action (CASCADE, SET NULL) changes rows of a table
+/// that has rules, by parent `database.table`. InnoDB applies these inside the engine and the
+/// binlog carries no child rows, so the parent's row events must stand in for them.
+///
+/// Read from `SHOW CREATE TABLE` of each table with rules: MariaDB hides
+/// `information_schema.REFERENTIAL_CONSTRAINTS` rows from an account with only SELECT.
+pub async fn load_foreign_keys(
+    conn: &mut Conn,
+    rules: &[Rule],
+) -> Result<HashMap<String, Vec<ForeignKey>>, SourceError> {
+    let mut tables: Vec<(&str, &str)> = rules
+        .iter()
+        .map(|r| (r.database.as_str(), r.table.as_str()))
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
+    let mut out: HashMap<String, Vec<ForeignKey>> = HashMap::new();
+    for (db, table) in tables {
+        let row: Option<(String, String)> = conn
+            .query_first(format!(
+                "SHOW CREATE TABLE `{}`.`{}`",
+                db.replace('`', "``"),
+                table.replace('`', "``")
+            ))
+            .await?;
+        let Some((_, ddl)) = row else { continue };
+        for (parent, fk) in parse_foreign_keys(db, table, &ddl) {
+            if fk.on_delete || fk.on_update {
+                debug!(%parent, child = %fk.child, fk = %fk.name, "Cascading foreign key: parent changes stand in for child rows.");
+                out.entry(parent).or_default().push(fk);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The foreign keys in a `SHOW CREATE TABLE` statement, with their parent `database.table`.
+pub fn parse_foreign_keys(db: &str, table: &str, ddl: &str) -> Vec<(String, ForeignKey)> {
+    fn idents(s: &str) -> Vec<String> {
+        s.split(',')
+            .map(|c| c.trim().trim_matches('`').replace("``", "`"))
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+    fn parens(s: &str) -> Option<(&str, &str)> {
+        let open = s.find('(')?;
+        let close = open + s[open..].find(')')?;
+        Some((&s[open + 1..close], &s[close + 1..]))
+    }
+    let changes = |line: &str, on: &str| {
+        line.find(on).is_some_and(|i| {
+            let rest = line[i + on.len()..].trim_start();
+            rest.starts_with("CASCADE") || rest.starts_with("SET NULL")
+        })
+    };
+    let mut out = Vec::new();
+    for line in ddl.lines().map(str::trim) {
+        let Some(fk_at) = line.find("FOREIGN KEY") else {
+            continue;
+        };
+        let name = line
+            .strip_prefix("CONSTRAINT ")
+            .and_then(|r| r.split('`').nth(1))
+            .unwrap_or("")
+            .to_owned();
+        let Some((child_cols, rest)) = parens(&line[fk_at..]) else {
+            continue;
+        };
+        let Some(refs_at) = rest.find("REFERENCES ") else {
+            continue;
+        };
+        let rest = &rest[refs_at + "REFERENCES ".len()..];
+        let Some(open) = rest.find('(') else { continue };
+        let target: Vec<String> = rest[..open]
+            .trim()
+            .split("`.`")
+            .map(|p| p.trim_matches('`').to_owned())
+            .collect();
+        let parent = match target.as_slice() {
+            [t] => format!("{db}.{t}"),
+            [d, t] => format!("{d}.{t}"),
+            _ => continue,
+        };
+        let Some((parent_cols, _)) = parens(rest) else {
+            continue;
+        };
+        out.push((
+            parent,
+            ForeignKey {
+                name,
+                child: format!("{db}.{table}"),
+                child_columns: idents(child_cols),
+                parent_columns: idents(parent_cols),
+                on_delete: changes(line, "ON DELETE "),
+                on_update: changes(line, "ON UPDATE "),
+            },
+        ));
+    }
+    out
+}
+
 /// Validate every rule against the live schema: the table exists and has every column the rule
 /// reads. The message names the rule's table and the missing piece.
 pub async fn validate_rules(conn: &mut Conn, rules: &[Rule]) -> Result<(), SourceError> {
@@ -668,4 +799,31 @@ pub async fn validate_rules(conn: &mut Conn, rules: &[Rule]) -> Result<(), Sourc
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_keys_from_show_create_table() {
+        let ddl = "CREATE TABLE `AttributeValue` (\n  `object_id` int(10) unsigned NOT NULL,\n  \
+            KEY `id-tid` (`object_id`,`object_tid`),\n  \
+            CONSTRAINT `AttributeValue-FK-object` FOREIGN KEY (`object_id`, `object_tid`) REFERENCES `Object` (`id`, `objtype_id`) ON DELETE CASCADE ON UPDATE CASCADE,\n  \
+            CONSTRAINT `AttributeValue-FK-map` FOREIGN KEY (`attr_id`) REFERENCES `AttributeMap` (`attr_id`),\n  \
+            CONSTRAINT `x` FOREIGN KEY (`owner`) REFERENCES `other`.`Owner` (`id`) ON DELETE SET NULL\n) ENGINE=InnoDB";
+        let fks = parse_foreign_keys("rt", "AttributeValue", ddl);
+        assert_eq!(fks.len(), 3);
+        assert_eq!(fks[0].0, "rt.Object");
+        assert_eq!(fks[0].1.child_columns, vec!["object_id", "object_tid"]);
+        assert_eq!(fks[0].1.parent_columns, vec!["id", "objtype_id"]);
+        assert!(fks[0].1.on_delete && fks[0].1.on_update);
+        assert_eq!(fks[0].1.name, "AttributeValue-FK-object");
+        assert!(
+            !fks[1].1.on_delete && !fks[1].1.on_update,
+            "RESTRICT by default"
+        );
+        assert_eq!(fks[2].0, "other.Owner");
+        assert!(fks[2].1.on_delete && !fks[2].1.on_update);
+    }
 }

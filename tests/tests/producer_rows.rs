@@ -215,3 +215,51 @@ async fn the_documented_grants_suffice_and_a_missing_one_is_named() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_key_cascades_invalidate_the_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create("cascade", include_str!("../fixtures/racktables/schema.sql")).await;
+    db.exec(
+        "INSERT INTO Object (id, name, objtype_id) VALUES (5, 'a', 4), (6, 'b', 4);\n\
+         INSERT INTO AttributeValue (object_id, object_tid, attr_id, uint_value) VALUES (5, 4, 2, 1), (5, 4, 3, 1), (6, 4, 2, 1)",
+    )
+    .await;
+    let prefix = unique("cascade");
+    // attrs: derivable from the parent's key; attr_detail: needs attr_id, which only the child has.
+    let rules = "[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{id}\"]\n\n\
+                 [[rules]]\ntable = \"AttributeValue\"\nreset_pools = [\"rtapi\"]\ncache = \"attrs\"\nkeys = [\"attrs:{object_id}\"]\n\n\
+                 [[rules]]\ntable = \"AttributeValue\"\ncache = \"attr_detail\"\nkeys = [\"attr:{object_id}:{attr_id}\"]\n";
+    let _p = producer(
+        dir.path(),
+        &Stack::get().mysql_url,
+        &db.name,
+        &prefix,
+        rules,
+    );
+
+    // ON DELETE CASCADE: InnoDB deletes the AttributeValue rows without binlog rows of their own.
+    db.exec("DELETE FROM Object WHERE id = 5").await;
+    let bodies = wait_event(&prefix, "cascaded child key", has_key("attrs:5")).await;
+    assert!(bodies.iter().any(has_key("object:5")));
+    assert!(
+        bodies.iter().any(
+            |b| matches!(b, EventBody::CacheFlush { cache, reason } if cache == "attr_detail" && reason == "cascade_underivable")
+        ),
+        "a child key that needs child-only columns flushes that cache: {bodies:?}"
+    );
+    let resets = read_events(&format!("{prefix}.pool-reset")).await;
+    assert!(resets.iter().any(
+        |e| matches!(&e.body, EventBody::PoolReset { pools } if pools == &["rtapi".to_string()])
+    ));
+
+    // ON UPDATE CASCADE on (id, objtype_id): retyping object 6 rewrites its attribute rows.
+    db.exec("UPDATE Object SET objtype_id = 9 WHERE id = 6")
+        .await;
+    wait_event(
+        &prefix,
+        "child key after ON UPDATE CASCADE",
+        has_key("attrs:6"),
+    )
+    .await;
+}
