@@ -768,3 +768,36 @@ impl PrivateBroker {
         self.run();
     }
 }
+
+/// Every payload on partition 0 of `topic` of the stack's broker, from the beginning to the end.
+pub async fn read_raw(topic: &str) -> Vec<Vec<u8>> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &Stack::get().brokers)
+        .set("group.id", unique("raw"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("raw consumer");
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(30))
+        .expect("watermarks");
+    let mut out = Vec::new();
+    if high <= low {
+        return out;
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(low))
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("message in time")
+            .expect("message");
+        out.push(m.payload().unwrap_or_default().to_vec());
+        if m.offset() + 1 >= high {
+            return out;
+        }
+    }
+}

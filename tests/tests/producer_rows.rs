@@ -263,3 +263,127 @@ async fn foreign_key_cascades_invalidate_the_children() {
     )
     .await;
 }
+
+fn hwm_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_row_transaction_stays_bounded_and_escalates_to_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(
+        "bigtx",
+        "CREATE TABLE T (id INT UNSIGNED PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB",
+    )
+    .await;
+    // MariaDB's sequence engine fills a million rows without a million round trips.
+    db.exec("INSERT INTO T SELECT seq, 0 FROM seq_1_to_1000000")
+        .await;
+    let prefix = unique("bigtx");
+    let rules =
+        "[[rules]]\ntable = \"T\"\nreset_pools = [\"p\"]\ncache = \"c\"\nkeys = [\"t:{id}\"]\n";
+    let p = producer(
+        dir.path(),
+        &Stack::get().mysql_url,
+        &db.name,
+        &prefix,
+        rules,
+    );
+    let before = hwm_kb(p.pid());
+    let t = Instant::now();
+    db.exec("UPDATE T SET v = v + 1").await;
+    let flush = |b: &EventBody| matches!(b, EventBody::CacheFlush { cache, reason } if cache == "c" && reason == "too_many_keys");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let bodies = loop {
+        let bodies: Vec<EventBody> = read_events(&format!("{prefix}.cache-keys"))
+            .await
+            .into_iter()
+            .map(|e| e.body)
+            .collect();
+        if bodies.iter().any(flush) {
+            break bodies;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no too_many_keys flush within 240 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let peak = hwm_kb(p.pid());
+    println!(
+        "1,000,000-row transaction: flushed {:?} after the UPDATE began; producer peak RSS {} MB (before: {} MB)",
+        t.elapsed(),
+        peak / 1024,
+        before / 1024
+    );
+    assert!(
+        !bodies
+            .iter()
+            .any(|b| matches!(b, EventBody::CacheKeys { cache, .. } if cache == "c")),
+        "no key list for the escalated transaction"
+    );
+    // The bound: max_keys_per_transaction keys (10,000 here) plus one binlog event at a time.
+    assert!(
+        peak < 150 * 1024,
+        "producer peak RSS {peak} kB for a 1M-row transaction"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_advance_the_checkpoint_past_unwatched_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(
+        "hbck",
+        "CREATE TABLE Watched (id INT PRIMARY KEY) ENGINE=InnoDB;\nCREATE TABLE Noise (id INT PRIMARY KEY, v INT) ENGINE=InnoDB",
+    )
+    .await;
+    let prefix = unique("hbck");
+    let rules = "[[rules]]\ntable = \"Watched\"\ncache = \"c\"\nkeys = [\"w:{id}\"]\n";
+    let _p = producer(
+        dir.path(),
+        &Stack::get().mysql_url,
+        &db.name,
+        &prefix,
+        rules,
+    );
+    let checkpoint = || async {
+        let events = rtinval_tests::read_raw(&format!("{prefix}.checkpoints")).await;
+        let last = events.last().cloned().unwrap_or_default();
+        serde_json::from_slice::<serde_json::Value>(&last).ok()
+    };
+    let first = wait_for_checkpoint(&checkpoint, None).await;
+    for i in 0..50 {
+        db.exec(&format!("INSERT INTO Noise VALUES ({i}, {i})"))
+            .await;
+    }
+    let later = wait_for_checkpoint(&checkpoint, Some(&first)).await;
+    println!("checkpoint moved from {first} to {later} with only unwatched changes");
+    assert!(later["pos"].as_u64() > first["pos"].as_u64() || later["file"] != first["file"]);
+}
+
+async fn wait_for_checkpoint<F, Fut>(
+    read: &F,
+    newer_than: Option<&serde_json::Value>,
+) -> serde_json::Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<serde_json::Value>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(c) = read().await
+            && newer_than.is_none_or(|old| c["pos"] != old["pos"] || c["file"] != old["file"])
+        {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "checkpoint did not move");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
