@@ -24,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod plan;
+pub mod replay;
 pub mod subscribe;
 
 use std::collections::BTreeMap;

@@ -41,6 +41,79 @@ enum Command {
     Run,
     /// Validate the config file and exit (0 = valid).
     CheckConfig,
+    /// Read the event topics back: print (JSON lines or a table), filter, re-apply, or answer
+    /// "was KEY invalidated, when, by which transaction?" (--why). Uses the config's kafka
+    /// section; never joins the node's consumer group.
+    Replay(Box<ReplayArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// Topic to read: pool-reset or cache-keys (default: both).
+    #[arg(long, value_parser = ["pool-reset", "cache-keys"])]
+    topic: Vec<String>,
+    /// First offset to read (per partition).
+    #[arg(long)]
+    from_offset: Option<i64>,
+    /// Last offset to read (per partition, inclusive).
+    #[arg(long)]
+    to_offset: Option<i64>,
+    /// Earliest Kafka timestamp: RFC 3339 (2026-11-26T21:00:00Z) or Unix ms.
+    #[arg(long, value_parser = rtinval_consumer::replay::parse_time)]
+    from_time: Option<i64>,
+    /// Latest Kafka timestamp (inclusive): RFC 3339 or Unix ms.
+    #[arg(long, value_parser = rtinval_consumer::replay::parse_time)]
+    to_time: Option<i64>,
+    /// Keep reading new events as they arrive.
+    #[arg(long)]
+    follow: bool,
+    /// Only these kinds (repeatable): pool_reset, cache_keys, cache_flush, resync, heartbeat.
+    /// Default: all but heartbeats.
+    #[arg(long, value_parser = ["pool_reset", "cache_keys", "cache_flush", "resync", "heartbeat"])]
+    kind: Vec<String>,
+    /// Only events of transactions that changed this table (`db.table` or `table`).
+    #[arg(long)]
+    table: Option<String>,
+    /// Only pool resets of this pool.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Only events of this cache.
+    #[arg(long)]
+    cache: Option<String>,
+    /// Only key lists containing this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only key lists with a key starting with this.
+    #[arg(long)]
+    key_prefix: Option<String>,
+    /// Only events of this source GTID.
+    #[arg(long)]
+    gtid: Option<String>,
+    /// Only the event with this id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Output: json (one object per line: topic, partition, offset, timestamp, event) or table.
+    #[arg(long, value_enum, default_value = "json")]
+    format: Format,
+    /// The last events that invalidated KEY (key lists holding it, flushes of its cache —
+    /// narrowed by --cache — and resyncs), with their source transaction and time.
+    #[arg(long, value_name = "KEY")]
+    why: Option<String>,
+    /// How many events --why shows.
+    #[arg(long, default_value_t = 10)]
+    last: usize,
+    /// Re-apply the selected events to this node's pools and caches.
+    #[arg(long)]
+    apply: bool,
+    /// With --apply: print what would be done, do nothing.
+    #[arg(long, requires = "apply")]
+    dry_run: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Json,
+    Table,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -69,6 +142,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Replay(args)) = &cli.command {
+        return match replay(&config, args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rtinval-consumer replay: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if matches!(cli.command, Some(Command::CheckConfig)) {
         println!(
             "config OK: {} pool(s), {} cache(s), group {}",
@@ -124,4 +206,90 @@ async fn signals(shutdown: CancellationToken, path: PathBuf) {
     }
     info!("Shutdown requested; finishing current actions.");
     shutdown.cancel();
+}
+
+fn replay(config: &Config, a: &ReplayArgs) -> Result<(), String> {
+    use rtinval_consumer::replay::{self, Record, Selection};
+    use rtinval_schemas::EventKind;
+    let kinds = a.kind.iter().filter_map(|k| EventKind::ALL.into_iter().find(|x| x.as_str() == k)).collect();
+    let sel = Selection {
+        topics: a.topic.clone(),
+        from_offset: a.from_offset,
+        to_offset: a.to_offset,
+        from_time: a.from_time,
+        to_time: a.to_time,
+        follow: a.follow,
+        kinds,
+        table: a.table.clone(),
+        pool: a.pool.clone(),
+        cache: a.cache.clone(),
+        key: a.key.clone(),
+        key_prefix: a.key_prefix.clone(),
+        gtid: a.gtid.clone(),
+        id: a.id.clone(),
+    };
+    let print = |r: &Record| match a.format {
+        Format::Json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
+        Format::Table => println!("{}", replay::table_row(r)),
+    };
+    if let Some(key) = &a.why {
+        let mut last: Vec<Record> = Vec::new();
+        let cache = a.cache.as_deref();
+        let why_sel = Selection { kinds: Default::default(), cache: None, key: None, ..sel.clone() };
+        replay::read(config, &why_sel, |r| {
+            if r.event.as_ref().is_some_and(|e| replay::invalidates(e, key, cache)) {
+                last.push(r);
+            }
+            true
+        })?;
+        // Topics interleave arbitrarily: order by time, keep the newest.
+        last.sort_by_key(|r| (r.timestamp, r.topic.clone(), r.offset));
+        let last = &last[last.len().saturating_sub(a.last)..];
+        if last.is_empty() {
+            println!("no event in the range invalidated {key}");
+        }
+        for r in last {
+            print(r);
+        }
+        return Ok(());
+    }
+    if !a.apply {
+        return replay::read(config, &sel, |r| {
+            if sel.selects(&r) {
+                print(&r);
+            }
+            true
+        });
+    }
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
+    let applier = runtime
+        .block_on(rtinval_consumer::applier(config, &metrics, &shutdown))
+        .map_err(|e| e.to_string())?;
+    let node = applier.inventory();
+    let mut failed = None;
+    replay::read(config, &sel, |r| {
+        let Some(e) = r.event.as_ref().filter(|e| sel.matches(e)) else { return true };
+        let actions = replay::actions(e, &node);
+        if a.dry_run {
+            for line in replay::describe(&actions) {
+                println!("{}@{} {}: {line}", r.topic, r.offset, e.id);
+            }
+            return true;
+        }
+        match runtime.block_on(applier.apply(actions)) {
+            Ok(()) => {
+                println!("{}@{} {}: applied", r.topic, r.offset, e.id);
+                true
+            }
+            Err(_) => {
+                failed = Some(format!("interrupted at {}@{}", r.topic, r.offset));
+                false
+            }
+        }
+    })?;
+    shutdown.cancel();
+    failed.map_or(Ok(()), Err)
 }

@@ -427,6 +427,21 @@ impl Bus {
         self.raw(&topic, &Self::event(body).to_json()).await;
     }
 
+    /// Publish one event with an explicit Kafka timestamp (Unix ms).
+    pub async fn publish_at(&self, body: rtinval_schemas::EventBody, timestamp_ms: i64) {
+        let topic = self.topic_for(&body);
+        let payload = Self::event(body).to_json();
+        let record = rdkafka::producer::FutureRecord::<str, [u8]>::to(&topic)
+            .key("test")
+            .payload(&payload)
+            .timestamp(timestamp_ms);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("publish");
+    }
+
     /// Publish raw bytes (garbage, foreign versions) and wait for the acknowledgment.
     pub async fn raw(&self, topic: &str, payload: &[u8]) {
         let record = rdkafka::producer::FutureRecord::<str, [u8]>::to(topic)
