@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::error::ConfigError;
 
 /// The whole consumer configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where events come from.
@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// Kafka connection, topics and consumer group.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port]`.
@@ -53,7 +53,7 @@ pub struct KafkaConfig {
 }
 
 /// Node-level settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// `/readyz` fails when the newest heartbeat says the source view is older than this.
@@ -68,7 +68,7 @@ impl Default for NodeConfig {
 }
 
 /// HTTP endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// `host:port` to listen on; empty disables the endpoint.
@@ -83,7 +83,7 @@ impl Default for HttpConfig {
 }
 
 /// How a pool reloads, and how reload requests are coalesced.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// `signal` (send `signal` to the PID in `pidfile`), `command` (run `command`, exit 0 =
@@ -119,7 +119,7 @@ pub struct PoolConfig {
 }
 
 /// Pool reload mechanisms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReloadKind {
     Signal,
@@ -128,7 +128,7 @@ pub enum ReloadKind {
 }
 
 /// A node-local cache.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Cache server kind: `redis` or `memcached`.
@@ -170,7 +170,7 @@ impl CacheConfig {
 }
 
 /// Cache kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CacheKind {
     Redis,
@@ -178,7 +178,7 @@ pub enum CacheKind {
 }
 
 /// Whole-cache flush strategies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FlushMode {
     Prefix,
@@ -314,6 +314,20 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as JSON for the start-up log, with every secret replaced by `***`.
+    pub fn redacted_json(&self) -> String {
+        let mut c = self.clone();
+        for cache in c.caches.values_mut() {
+            cache.url = redact_url(&cache.url);
+        }
+        for (k, v) in c.kafka.options.iter_mut() {
+            if k.contains("password") || k.contains("secret") || k.contains("token") {
+                *v = "***".to_owned();
+            }
+        }
+        serde_json::to_string(&c).unwrap_or_default()
+    }
+
     /// The consumer group: configured, or derived from the host name.
     pub fn group_id(&self) -> String {
         self.kafka.group_id.clone().unwrap_or_else(|| {
@@ -424,5 +438,8 @@ mod tests {
         assert_eq!(parse_signal("SIGHUP").unwrap(), nix::sys::signal::Signal::SIGHUP);
         assert_eq!(with_redis_password("redis://:old@h:1/2", "new"), "redis://:new@h:1/2");
         assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
+        let c =
+            check(&format!("{BASE}[caches.c]\nkind = \"redis\"\nurl = \"redis://:hunter2@h:1\"\n")).unwrap();
+        assert!(!c.redacted_json().contains("hunter2"));
     }
 }

@@ -169,6 +169,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         info!(version = env!("CARGO_PKG_VERSION"), config = %cli.config.display(), brokers = %config.kafka.brokers, topic_prefix = %config.kafka.topic_prefix, "Starting rtinval-consumer.");
+        info!(config = %config.redacted_json(), "Effective configuration.");
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone(), cli.config.clone()));
         match rtinval_consumer::run(config, Metrics::new(), shutdown).await {

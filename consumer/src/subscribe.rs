@@ -286,13 +286,25 @@ impl Subscriber {
         self.metrics.set_assigned(true);
         info!(group = %self.config.group_id(), partitions = start.count(), "Consuming.");
 
+        let progress_every = Duration::from_secs(60);
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+        let mut applied_since = 0u64;
         let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> = FuturesOrdered::new();
         let mut messages = self.consumer.stream();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(done) = pending.next(), if !pending.is_empty() => self.complete(done),
+                Some(done) = pending.next(), if !pending.is_empty() => {
+                    applied_since += 1;
+                    self.complete(done);
+                }
+                _ = progress.tick() => {
+                    let staleness = self.metrics.refresh_staleness().map(|d| d.as_secs_f64());
+                    info!(applied = applied_since, in_flight = pending.len(), staleness_seconds = ?staleness, "Progress.");
+                    applied_since = 0;
+                }
                 msg = messages.next(), if pending.len() < MAX_PENDING => match msg {
                     Some(Ok(m)) => pending.push_back(self.handle(&m)),
                     Some(Err(rdkafka::error::KafkaError::MessageConsumption(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset))) => {

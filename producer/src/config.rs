@@ -13,7 +13,7 @@ use crate::error::ConfigError;
 use crate::rules::Template;
 
 /// The whole producer configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The MySQL/MariaDB server whose binlog is tailed.
@@ -32,7 +32,7 @@ pub struct Config {
 }
 
 /// Connection to the binlog source.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// `mysql://user:password@host:port`. The account needs REPLICATION SLAVE, REPLICATION
@@ -53,7 +53,7 @@ pub struct SourceConfig {
 }
 
 /// Kafka connection and topics.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port]`.
@@ -77,7 +77,7 @@ pub struct KafkaConfig {
 }
 
 /// Pipeline tuning.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProducerSettings {
     /// Milliseconds between heartbeats (freshness signal to consumers, checkpoint advance).
@@ -92,6 +92,9 @@ pub struct ProducerSettings {
     /// Milliseconds between checkpoint writes (a checkpoint is also written on shutdown).
     #[serde(default = "default_checkpoint_ms")]
     pub checkpoint_ms: u64,
+    /// Seconds between progress lines in the log (position, rows, batches, lag); 0 disables.
+    #[serde(default = "default_progress_log_secs")]
+    pub progress_log_secs: u64,
 }
 
 impl Default for ProducerSettings {
@@ -101,12 +104,13 @@ impl Default for ProducerSettings {
             max_keys_per_transaction: default_max_keys_per_transaction(),
             keys_per_event: default_keys_per_event(),
             checkpoint_ms: default_checkpoint_ms(),
+            progress_log_secs: default_progress_log_secs(),
         }
     }
 }
 
 /// HTTP endpoint for metrics and probes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// `host:port` to listen on; empty disables the endpoint.
@@ -123,7 +127,7 @@ impl Default for HttpConfig {
 }
 
 /// One rule: which changes of one table cause which invalidations.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// `database.table`, or `table` in `source.database`.
@@ -179,6 +183,9 @@ fn default_keys_per_event() -> usize {
 }
 fn default_checkpoint_ms() -> u64 {
     1000
+}
+fn default_progress_log_secs() -> u64 {
+    60
 }
 fn default_producer_listen() -> String {
     "127.0.0.1:9464".to_owned()
@@ -335,6 +342,14 @@ impl Config {
         Duration::from_millis(self.producer.heartbeat_ms)
     }
 
+    /// The configuration as JSON for the start-up log, with every secret replaced by `***`.
+    pub fn redacted_json(&self) -> String {
+        let mut c = self.clone();
+        c.source.url = redact_url(&c.source.url);
+        redact_options(&mut c.kafka.options);
+        serde_json::to_string(&c).unwrap_or_default()
+    }
+
     /// The source URL with the password replaced by `***`, for logs.
     pub fn redacted_source_url(&self) -> String {
         redact_url(&self.source.url)
@@ -372,6 +387,15 @@ fn percent_encode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Blank librdkafka options that hold secrets (`sasl.password`, `ssl.key.password`, ...).
+pub fn redact_options(options: &mut std::collections::BTreeMap<String, String>) {
+    for (k, v) in options.iter_mut() {
+        if k.contains("password") || k.contains("secret") || k.contains("token") {
+            *v = "***".to_owned();
+        }
+    }
 }
 
 /// Replace the password of a `scheme://user:password@host` URL by `***`.
@@ -463,5 +487,14 @@ brokers = "127.0.0.1:9092"
         assert_eq!(opts.pass(), Some("n@w:pw"));
         assert_eq!(redact_url("mysql://u:secret@h:1"), "mysql://u:***@h:1");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        let mut c = parse(BASE).unwrap();
+        c.kafka
+            .options
+            .insert("sasl.password".into(), "hunter2".into());
+        let shown = c.redacted_json();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(":p@"),
+            "{shown}"
+        );
     }
 }

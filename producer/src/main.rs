@@ -98,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         rules = config.rules.len(),
         "Starting rtinval-producer."
     );
+    info!(config = %config.redacted_json(), "Effective configuration.");
     if cli.check {
         let source = rtinval_producer::source::BinlogSource::new(config, Metrics::new())?;
         source.check().await.context("source check failed")?;

@@ -90,6 +90,9 @@ struct StreamState {
     fks: HashMap<String, Vec<ForeignKey>>,
     /// A DDL statement passed: foreign keys must be read again before the next table map.
     fks_stale: bool,
+    /// Since the last progress line: rows of watched tables, batches sent.
+    rows_seen: u64,
+    batches_sent: u64,
 }
 
 impl BinlogSource {
@@ -281,7 +284,12 @@ impl BinlogSource {
             intents: Vec::new(),
             fks,
             fks_stale: false,
+            rows_seen: 0,
+            batches_sent: 0,
         };
+        let progress_every = Duration::from_secs(self.config.producer.progress_log_secs.max(1));
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
         let read_timeout = Duration::from_secs(self.config.source.read_timeout_secs.max(1));
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -291,6 +299,17 @@ impl BinlogSource {
                 _ = shutdown.cancelled() => {
                     *position = st.position.clone();
                     return Ok(());
+                }
+                _ = progress.tick(), if self.config.producer.progress_log_secs > 0 => {
+                    info!(
+                        position = %st.position,
+                        rows = st.rows_seen,
+                        batches = st.batches_sent,
+                        lag_seconds = self.metrics.binlog_lag_seconds.get(),
+                        "Progress."
+                    );
+                    st.rows_seen = 0;
+                    st.batches_sent = 0;
                 }
                 _ = heartbeat.tick() => {
                     let batch = self.heartbeat(&st);
@@ -335,6 +354,7 @@ impl BinlogSource {
                         st.fks_stale = false;
                     }
                     if let Some(batch) = batch {
+                        st.batches_sent += 1;
                         output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
                     }
                 }
@@ -502,6 +522,7 @@ impl BinlogSource {
                         st.batcher.add(intent);
                     }
                     counter.inc();
+                    st.rows_seen += 1;
                 }
             }
             EventData::XidEvent(_) => {

@@ -69,3 +69,112 @@ fn every_toml_in_deploy_is_an_example_of_a_known_kind() {
         "deploy/ has TOML files that no test loads: {all:?}"
     );
 }
+
+fn promtool(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(workspace_root().join("deploy/prometheus"))
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/test installs it)")
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let out = promtool(&["check", "rules", "rtinval-alerts.yml"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = promtool(&["test", "rules", "rtinval-alerts.test.yml"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every series name the binaries can expose (from their registries' TYPE lines; a labelled
+/// family shows its TYPE only once it has a series, so each gets one).
+fn exposed_series() -> std::collections::BTreeSet<String> {
+    use rtinval_consumer::metrics as c;
+    use rtinval_producer::metrics as p;
+    let pm = p::Metrics::new();
+    let _ = pm
+        .events_published
+        .get_or_create(&p::KindLabel { kind: "x" });
+    let _ = pm.rows.get_or_create(&p::TableOpLabels {
+        table: "x".into(),
+        op: "x",
+    });
+    let _ = pm.resyncs.get_or_create(&p::ReasonLabel { reason: "x" });
+    let _ = pm
+        .cache_flushes
+        .get_or_create(&p::ReasonLabel { reason: "x" });
+    let cm = c::Metrics::new();
+    let _ = cm.events_applied.get_or_create(&c::KindLabel { kind: "x" });
+    cm.resync("x");
+    cm.pool_reloaded("x", 1, std::time::Duration::ZERO);
+    cm.pool_reload_failed("x");
+    cm.keys_purged("x", 1);
+    cm.cache_flushed("x");
+    let text = pm.encode() + &cm.encode();
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        if f.next() != Some("#") || f.next() != Some("TYPE") {
+            continue;
+        }
+        let (Some(name), Some(kind)) = (f.next(), f.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for s in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{s}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn dashboard_and_alerts_use_only_series_the_binaries_expose() {
+    let exposed = exposed_series();
+    assert!(
+        exposed.contains("rtinval_consumer_staleness_seconds"),
+        "{exposed:?}"
+    );
+    let dashboard =
+        std::fs::read_to_string(workspace_root().join("deploy/grafana/rtinval-dashboard.json"))
+            .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 10));
+    let alerts =
+        std::fs::read_to_string(workspace_root().join("deploy/prometheus/rtinval-alerts.yml"))
+            .unwrap();
+    let mut used = 0;
+    for text in [&dashboard, &alerts] {
+        for (i, _) in text.match_indices("rtinval_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exposed.contains(&name),
+                "{name} is not exposed by either binary: {exposed:?}"
+            );
+            used += 1;
+        }
+    }
+    assert!(used > 20);
+}

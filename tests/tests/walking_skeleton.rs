@@ -21,11 +21,11 @@ use rtinval_tests::{
 const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
 const RULES: &str = include_str!("../fixtures/racktables/rules.toml");
 
-fn producer_config(db: &str, prefix: &str) -> String {
+fn producer_config(db: &str, prefix: &str, http: &str) -> String {
     let s = Stack::get();
     format!(
         "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\n\
-         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\n\n[http]\nlisten = \"\"\n\n{RULES}",
+         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\n\n[http]\nlisten = \"{http}\"\n\n{RULES}",
         s.mysql_url,
         server_id(),
         s.brokers
@@ -64,9 +64,10 @@ async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction()
     let prefix = unique("skel");
     let pool = StandInPool::start(dir.path(), "rtapi");
     let http = format!("127.0.0.1:{}", free_port());
+    let producer_http = format!("127.0.0.1:{}", free_port());
     std::fs::write(
         dir.path().join("producer.toml"),
-        producer_config(&db.name, &prefix),
+        producer_config(&db.name, &prefix, &producer_http),
     )
     .unwrap();
     std::fs::write(
@@ -192,6 +193,58 @@ async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction()
         "unrelated key survives everything"
     );
 
+    // Both /metrics endpoints carry the series an operator needs, with plausible values.
+    let p = scrape(&producer_http);
+    let table = format!("{}.Object", db.name);
+    assert!(
+        p(&format!(
+            "rtinval_producer_rows_total{{table=\"{table}\",op=\"update\"}}"
+        )) >= 501.0
+    );
+    assert!(p("rtinval_producer_events_published_total{kind=\"pool_reset\"}") >= 3.0);
+    assert!(p("rtinval_producer_events_published_total{kind=\"cache_keys\"}") >= 2.0);
+    assert!(p("rtinval_producer_events_published_total{kind=\"heartbeat\"}") >= 1.0);
+    assert!(p("rtinval_producer_publish_latency_seconds_count") >= 3.0);
+    assert!((0.0..5.0).contains(&p("rtinval_producer_binlog_lag_seconds")));
+    assert!(p("rtinval_producer_position_bytes") > 0.0);
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now_s - p("rtinval_producer_checkpoint_timestamp_seconds")).abs() < 10.0,
+        "checkpoint age"
+    );
+    assert_eq!(
+        p("rtinval_producer_resyncs_total{reason=\"no_checkpoint\"}"),
+        1.0
+    );
+    assert_eq!(
+        http_get(&producer_http, "/readyz").map(|(s, _)| s),
+        Some(200)
+    );
+    assert_eq!(
+        http_get(&producer_http, "/healthz").map(|(s, _)| s),
+        Some(200)
+    );
+    let c = scrape(&http);
+    assert!(c("rtinval_consumer_events_applied_total{kind=\"cache_keys\"}") >= 2.0);
+    assert!(c("rtinval_consumer_events_applied_total{kind=\"pool_reset\"}") >= 3.0);
+    assert!(c("rtinval_consumer_apply_latency_seconds_count") >= 5.0);
+    assert!(c("rtinval_consumer_end_to_end_latency_seconds_count") >= 5.0);
+    assert!((0.0..5.0).contains(&c("rtinval_consumer_staleness_seconds")));
+    assert_eq!(
+        c("rtinval_consumer_pool_reloads_total{pool=\"rtapi\"}"),
+        (base + 3) as f64
+    );
+    assert!(c("rtinval_consumer_pool_reload_requests_total{pool=\"rtapi\"}") >= 4.0);
+    assert!(c("rtinval_consumer_keys_purged_total{cache=\"rt\"}") >= 503.0);
+    assert_eq!(
+        c("rtinval_consumer_resyncs_total{reason=\"no_committed_offset\"}"),
+        1.0
+    );
+    assert_eq!(c("rtinval_consumer_decode_errors_total"), 0.0);
+
     // Both stop cleanly on SIGTERM.
     assert_eq!(
         consumer
@@ -207,4 +260,18 @@ async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction()
         Some(0),
         "producer exit"
     );
+}
+
+/// Read a /metrics endpoint once; the returned closure looks up one series (0 if absent).
+fn scrape(addr: &str) -> impl Fn(&str) -> f64 {
+    let (status, body) = http_get(addr, "/metrics").expect("metrics endpoint answers");
+    assert_eq!(status, 200);
+    move |series: &str| {
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(name, _)| *name == series)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    }
 }
