@@ -71,6 +71,24 @@ pub enum PipelineError {
     Panic(String),
 }
 
+impl PipelineError {
+    fn is_lost_leadership(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::Source(SourceError::LostLeadership { .. })
+        )
+    }
+
+    /// Worth retrying once the producer has run: the source or Kafka may come back.
+    fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Kafka(_) => true,
+            PipelineError::Http { .. } | PipelineError::Panic(_) => false,
+        }
+    }
+}
+
 /// Run the producer until `shutdown` or the first fatal error. Losing the leader lock (e.g. the
 /// source restarted) is not fatal: the pipeline stops, and the producer stands by for the lock
 /// again and resumes from the checkpoint once it leads.
@@ -93,15 +111,14 @@ pub async fn run(
                 .map_err(|error| PipelineError::Http { listen, error })
         }))
     };
-    // After a lost leadership the source may be restarting: transient errors are retried then
-    // (at first start they are reported, so a wrong address fails fast).
+    // After a lost leadership the source may be restarting, and Kafka may be away too: transient
+    // errors are retried then (at first start they are reported, so a wrong address fails fast).
     let mut recovering = false;
     let result = loop {
         match run_once(&config, &metrics, shutdown.child_token()).await {
-            Err(PipelineError::Source(e))
+            Err(e)
                 if !shutdown.is_cancelled()
-                    && (matches!(e, SourceError::LostLeadership { .. })
-                        || (recovering && e.is_transient())) =>
+                    && (e.is_lost_leadership() || (recovering && e.is_transient())) =>
             {
                 recovering = true;
                 warn!(error = %e, "Not leading; standing by for the lock again.");

@@ -193,7 +193,10 @@ async fn a_purged_position_publishes_a_resync_and_goes_on() {
         async move {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !keys_on(&brokers, &prefix).await.contains(key) {
-                assert!(Instant::now() < deadline, "{key} never published");
+                assert!(
+                    Instant::now() < deadline,
+                    "{key} never published on {prefix}"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -244,18 +247,27 @@ async fn a_purged_position_publishes_a_resync_and_goes_on() {
                 .then_some(())
         },
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let resyncs: Vec<String> = read_events_from(&brokers, &format!("{prefix}.pool-reset"))
-        .await
-        .into_iter()
-        .filter_map(|e| match e.body {
-            EventBody::Resync { reason } => Some(reason),
-            _ => None,
-        })
-        .collect();
+    // The resync is published (and acknowledged) shortly after the log line.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resyncs = loop {
+        let resyncs: Vec<String> = read_events_from(&brokers, &format!("{prefix}.pool-reset"))
+            .await
+            .into_iter()
+            .filter_map(|e| match e.body {
+                EventBody::Resync { reason } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        if resyncs.len() >= 2 || Instant::now() > deadline {
+            break resyncs;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(
         resyncs,
-        vec!["no_checkpoint".to_string(), "position_lost".to_string()]
+        vec!["no_checkpoint".to_string(), "position_lost".to_string()],
+        "{}",
+        p.log_text()
     );
     write("after").await;
     wait_key("object:1:after").await;
