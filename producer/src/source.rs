@@ -115,7 +115,15 @@ impl BinlogSource {
             position: String::new(),
             error: format!("bad source.url: {e}"),
         })?;
-        Conn::new(opts).await.map_err(|error| match error {
+        let url = self.config.redacted_source_url();
+        // A frozen server accepts TCP but never answers the handshake: bound the wait.
+        let conn = tokio::time::timeout(Duration::from_secs(10), Conn::new(opts))
+            .await
+            .map_err(|_| SourceError::Stream {
+                position: String::new(),
+                error: format!("no handshake from {url} within 10 s"),
+            })?;
+        conn.map_err(|error| match error {
             mysql_async::Error::Server(ref s) if is_privilege_error(s.code) => {
                 SourceError::MissingPrivilege {
                     msg: s.message.clone(),
@@ -170,6 +178,23 @@ impl BinlogSource {
     ) -> Result<(), SourceError> {
         info!(server_id = info.server_id, version = %info.version, "Source server checks passed.");
         let mut position = match start {
+            Start::Checkpoint(p) if p.server_id != info.server_id => {
+                // The checkpoint names a position in another server's binlog (failover to a new
+                // primary, a restored server): its file:pos means nothing here.
+                let mut conn = self.connect().await?;
+                let current = current_position(&mut conn, info.server_id).await?;
+                let _ = conn.disconnect().await;
+                warn!(
+                    checkpoint = %p,
+                    checkpoint_server_id = p.server_id,
+                    server_id = info.server_id,
+                    resume = %current,
+                    "The checkpoint belongs to another server: publishing resync and starting at the current position."
+                );
+                self.send_resync(&current, "server_changed", &output)
+                    .await?;
+                current
+            }
             Start::Checkpoint(p) => {
                 info!(position = %p, "Resuming from checkpoint.");
                 p
@@ -291,6 +316,7 @@ impl BinlogSource {
         let mut progress =
             tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
         let read_timeout = Duration::from_secs(self.config.source.read_timeout_secs.max(1));
+        let mut last_received = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -313,19 +339,28 @@ impl BinlogSource {
                 }
                 _ = heartbeat.tick() => {
                     let batch = self.heartbeat(&st);
+                    let sending = tokio::time::Instant::now();
                     output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
+                    // Time spent waiting on a full channel (Kafka slow) is not the source's silence.
+                    last_received += sending.elapsed();
                 }
-                next = tokio::time::timeout(read_timeout, stream.next()) => {
+                // Its own deadline, not a timeout around `next()`: the heartbeat branch above
+                // would otherwise restart that timeout every tick and a half-open link would
+                // never be noticed.
+                _ = tokio::time::sleep_until(last_received + read_timeout) => {
+                    return Err(SourceError::ReadTimeout {
+                        position: st.position.to_string(),
+                        secs: read_timeout.as_secs(),
+                    });
+                }
+                next = stream.next() => {
+                    last_received = tokio::time::Instant::now();
                     let event = match next {
-                        Err(_) => return Err(SourceError::ReadTimeout {
-                            position: st.position.to_string(),
-                            secs: read_timeout.as_secs(),
-                        }),
-                        Ok(None) => return Err(SourceError::Stream {
+                        None => return Err(SourceError::Stream {
                             position: st.position.to_string(),
                             error: "the server closed the binlog stream".into(),
                         }),
-                        Ok(Some(Err(mysql_async::Error::Server(e))))
+                        Some(Err(mysql_async::Error::Server(e)))
                             if e.code == ER_MASTER_FATAL_ERROR_READING_BINLOG =>
                         {
                             return Err(SourceError::PositionLost {
@@ -333,16 +368,16 @@ impl BinlogSource {
                                 error: e.message,
                             });
                         }
-                        Ok(Some(Err(mysql_async::Error::Server(e)))) if is_privilege_error(e.code) => {
+                        Some(Err(mysql_async::Error::Server(e))) if is_privilege_error(e.code) => {
                             return Err(SourceError::MissingPrivilege { msg: e.message });
                         }
-                        Ok(Some(Err(e))) => {
+                        Some(Err(e)) => {
                             return Err(SourceError::Stream {
                                 position: st.position.to_string(),
                                 error: e.to_string(),
                             });
                         }
-                        Ok(Some(Ok(event))) => event,
+                        Some(Ok(event)) => event,
                     };
                     let batch = self.handle(&mut st, &stream, event)?;
                     *position = st.position.clone();
@@ -356,6 +391,7 @@ impl BinlogSource {
                     if let Some(batch) = batch {
                         st.batches_sent += 1;
                         output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
+                        last_received = tokio::time::Instant::now();
                     }
                 }
             }

@@ -606,11 +606,17 @@ pub struct PrivateMariaDb {
     pub proc: Option<Proc>,
     pub port: u16,
     dir: PathBuf,
+    server_id: u32,
 }
 
 impl PrivateMariaDb {
     pub fn start(dir: &Path) -> PrivateMariaDb {
-        let data = dir.join("mariadb");
+        PrivateMariaDb::start_with_id(dir, "mariadb", 7)
+    }
+
+    /// A server in `dir/name` with its own `server_id`.
+    pub fn start_with_id(dir: &Path, name: &str, server_id: u32) -> PrivateMariaDb {
+        let data = dir.join(name);
         let out = Command::new("mariadb-install-db")
             .args([
                 "--no-defaults",
@@ -630,6 +636,7 @@ impl PrivateMariaDb {
             proc: None,
             port: free_port(),
             dir: data,
+            server_id,
         };
         db.run();
         db.sql(
@@ -655,8 +662,8 @@ impl PrivateMariaDb {
                     "--user=root",
                     "--bind-address=127.0.0.1",
                     "--skip-name-resolve",
-                    "--server-id=7",
                 ])
+                .arg(format!("--server-id={}", self.server_id))
                 .args([
                     "--binlog-format=ROW",
                     "--binlog-row-image=FULL",
@@ -705,6 +712,18 @@ impl PrivateMariaDb {
 
     pub fn admin_url(&self) -> String {
         format!("mysql://admin:admin@127.0.0.1:{}", self.port)
+    }
+
+    /// Freeze the server (SIGSTOP): connections stay open but nothing answers (half-open).
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(p) = &self.proc {
+            let sig = if frozen { "-STOP" } else { "-CONT" };
+            Command::new("kill")
+                .arg(sig)
+                .arg(p.pid().to_string())
+                .status()
+                .expect("kill");
+        }
     }
 
     /// Clean shutdown and start again on the same port and data.

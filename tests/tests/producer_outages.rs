@@ -272,3 +272,109 @@ async fn a_purged_position_publishes_a_resync_and_goes_on() {
     write("after").await;
     wait_key("object:1:after").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_from_another_server_publishes_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = PrivateMariaDb::start_with_id(dir.path(), "old-primary", 17);
+    let new = PrivateMariaDb::start_with_id(dir.path(), "new-primary", 18);
+    create_schema(&old);
+    create_schema(&new);
+    let brokers = Stack::get().brokers.clone();
+    let prefix = unique("moved");
+    let mut p = producer(dir.path(), "on-old", &old.producer_url(), &brokers, &prefix);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.terminate(Duration::from_secs(15)).and_then(|s| s.code()),
+        Some(0)
+    );
+
+    // Same producer group, now pointed at another server: the stored file:pos is meaningless.
+    let p = producer(dir.path(), "on-new", &new.producer_url(), &brokers, &prefix);
+    wait_sync(
+        "the server-changed log line",
+        Duration::from_secs(30),
+        || {
+            p.log_text()
+                .contains("The checkpoint belongs to another server")
+                .then_some(())
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reasons: Vec<String> = read_events_from(&brokers, &format!("{prefix}.pool-reset"))
+            .await
+            .into_iter()
+            .filter_map(|e| match e.body {
+                EventBody::Resync { reason } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        if reasons == ["no_checkpoint", "server_changed"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resyncs: {reasons:?}\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&new.admin_url()).unwrap())
+        .await
+        .unwrap();
+    c.exec_drop("UPDATE rt.Object SET label = 'on-new' WHERE id = 1", ())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !keys_on(&brokers, &prefix).await.contains("object:1:on-new") {
+        assert!(Instant::now() < deadline, "no event from the new server");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_source_is_detected_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = PrivateMariaDb::start(dir.path());
+    create_schema(&db);
+    let brokers = Stack::get().brokers.clone();
+    let prefix = unique("halfopen");
+    let p = producer(
+        dir.path(),
+        "producer",
+        &db.producer_url(),
+        &brokers,
+        &prefix,
+    );
+    let writes = writer(db.admin_url(), 300, Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Frozen: the TCP connection stays up but no byte and no heartbeat arrives.
+    db.freeze(true);
+    wait_sync("the read timeout", Duration::from_secs(20), || {
+        p.log_text()
+            .contains("binlog stream idle for 3 s")
+            .then_some(())
+    });
+    db.freeze(false);
+    let expected = writes.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let keys = keys_on(&brokers, &prefix).await;
+        let missing = expected.iter().filter(|k| !keys.contains(*k)).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} changes missing\n{}",
+            expected.len(),
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    println!(
+        "half-open source: {} changes written, all invalidated after the read timeout",
+        expected.len()
+    );
+}
