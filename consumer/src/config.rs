@@ -63,7 +63,9 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { max_staleness_secs: default_max_staleness_secs() }
+        NodeConfig {
+            max_staleness_secs: default_max_staleness_secs(),
+        }
     }
 }
 
@@ -78,7 +80,9 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_listen() }
+        HttpConfig {
+            listen: default_listen(),
+        }
     }
 }
 
@@ -214,10 +218,14 @@ fn default_max_delay_ms() -> u64 {
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.display().to_string(), error: e })?;
-        let mut config = Config::parse(&text)
-            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), error: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            error: e,
+        })?;
+        let mut config = Config::parse(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            error: e,
+        })?;
         if let Ok(password) = std::env::var("RTINVAL_REDIS_PASSWORD") {
             for cache in config.caches.values_mut() {
                 cache.url = with_redis_password(&cache.url, &password);
@@ -288,7 +296,10 @@ impl Config {
                 _ => {}
             }
             if c.kind == CacheKind::Redis && redis::Client::open(c.url.as_str()).is_err() {
-                return invalid(format!("caches.{name}: url {:?} is not a redis:// URL", redact_url(&c.url)));
+                return invalid(format!(
+                    "caches.{name}: url {:?} is not a redis:// URL",
+                    redact_url(&c.url)
+                ));
             }
             if c.kind == CacheKind::Memcached {
                 let addr = c.memcached_addr();
@@ -304,7 +315,10 @@ impl Config {
                     ));
                 }
             }
-            if c.kind == CacheKind::Redis && c.flush_mode() == FlushMode::Prefix && c.prefix.is_empty() {
+            if c.kind == CacheKind::Redis
+                && c.flush_mode() == FlushMode::Prefix
+                && c.prefix.is_empty()
+            {
                 tracing::warn!(cache = %name, "flush = \"prefix\" with an empty prefix flushes every key of the database by SCAN; set a prefix or flush = \"flushdb\".");
             }
         }
@@ -346,8 +360,13 @@ impl Config {
 /// `USR2`, `SIGUSR2`, `hup` → a signal.
 pub fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
     let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    full.parse().map_err(|_| format!("unknown signal {name:?} (use e.g. USR2, HUP, TERM)"))
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse()
+        .map_err(|_| format!("unknown signal {name:?} (use e.g. USR2, HUP, TERM)"))
 }
 
 fn with_redis_password(url: &str, password: &str) -> String {
@@ -398,8 +417,10 @@ mod tests {
     fn clear_errors() {
         let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\n")).unwrap_err();
         assert!(e.contains("needs pidfile"), "{e}");
-        let e = check(&format!("{BASE}[pools.p]\nreload = \"signal\"\npidfile = \"x\"\nsignal = \"NOPE\"\n"))
-            .unwrap_err();
+        let e = check(&format!(
+            "{BASE}[pools.p]\nreload = \"signal\"\npidfile = \"x\"\nsignal = \"NOPE\"\n"
+        ))
+        .unwrap_err();
         assert!(e.contains("unknown signal"), "{e}");
         let e = check(&format!("{BASE}[pools.p]\nreload = \"command\"\n")).unwrap_err();
         assert!(e.contains("needs command"), "{e}");
@@ -407,7 +428,10 @@ mod tests {
         assert!(e.contains("restart"), "{e}");
         let e = check(BASE).unwrap_err();
         assert!(e.contains("apply nothing"), "{e}");
-        let e = check(&format!("{BASE}[caches.c]\nkind = \"redis\"\nurl = \"http://x\"\n")).unwrap_err();
+        let e = check(&format!(
+            "{BASE}[caches.c]\nkind = \"redis\"\nurl = \"http://x\"\n"
+        ))
+        .unwrap_err();
         assert!(e.contains("redis://"), "{e}");
     }
 
@@ -419,11 +443,15 @@ mod tests {
         .unwrap();
         assert_eq!(c.caches["m"].flush_mode(), FlushMode::FlushAll);
         assert_eq!(c.caches["m"].memcached_addr(), "tcp://127.0.0.1:11211");
-        let e =
-            check(&format!("{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"h:1\"\nflush = \"prefix\"\n"))
-                .unwrap_err();
+        let e = check(&format!(
+            "{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"h:1\"\nflush = \"prefix\"\n"
+        ))
+        .unwrap_err();
         assert!(e.contains("flush_all"), "{e}");
-        let e = check(&format!("{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"nohost\"\n")).unwrap_err();
+        let e = check(&format!(
+            "{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"nohost\"\n"
+        ))
+        .unwrap_err();
         assert!(e.contains("memcached://host:port"), "{e}");
         let e = check(&format!(
             "{BASE}[caches.r]\nkind = \"redis\"\nurl = \"redis://h:1\"\nflush = \"flush_all\"\n"
@@ -434,12 +462,23 @@ mod tests {
 
     #[test]
     fn signals_and_passwords() {
-        assert_eq!(parse_signal("usr2").unwrap(), nix::sys::signal::Signal::SIGUSR2);
-        assert_eq!(parse_signal("SIGHUP").unwrap(), nix::sys::signal::Signal::SIGHUP);
-        assert_eq!(with_redis_password("redis://:old@h:1/2", "new"), "redis://:new@h:1/2");
+        assert_eq!(
+            parse_signal("usr2").unwrap(),
+            nix::sys::signal::Signal::SIGUSR2
+        );
+        assert_eq!(
+            parse_signal("SIGHUP").unwrap(),
+            nix::sys::signal::Signal::SIGHUP
+        );
+        assert_eq!(
+            with_redis_password("redis://:old@h:1/2", "new"),
+            "redis://:new@h:1/2"
+        );
         assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
-        let c =
-            check(&format!("{BASE}[caches.c]\nkind = \"redis\"\nurl = \"redis://:hunter2@h:1\"\n")).unwrap();
+        let c = check(&format!(
+            "{BASE}[caches.c]\nkind = \"redis\"\nurl = \"redis://:hunter2@h:1\"\n"
+        ))
+        .unwrap();
         assert!(!c.redacted_json().contains("hunter2"));
     }
 }

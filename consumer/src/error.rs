@@ -17,13 +17,30 @@ pub enum ConfigError {
 #[derive(Debug, Error)]
 pub enum ReloadError {
     #[error("pool {pool}: cannot read pidfile {path}: {error}")]
-    Pidfile { pool: String, path: String, error: String },
+    Pidfile {
+        pool: String,
+        path: String,
+        error: String,
+    },
     #[error("pool {pool}: cannot send {signal} to pid {pid}: {error}")]
-    Signal { pool: String, signal: String, pid: i32, error: String },
+    Signal {
+        pool: String,
+        signal: String,
+        pid: i32,
+        error: String,
+    },
     #[error("pool {pool}: reload request to {url} failed: {error}")]
-    Http { pool: String, url: String, error: String },
+    Http {
+        pool: String,
+        url: String,
+        error: String,
+    },
     #[error("pool {pool}: reload command {command:?} failed: {error}")]
-    Command { pool: String, command: String, error: String },
+    Command {
+        pool: String,
+        command: String,
+        error: String,
+    },
 }
 
 /// A cache could not be reached or refused a command (retried with backoff).
@@ -45,5 +62,8 @@ pub enum ConsumerError {
     #[error("Kafka ({brokers}): {error}")]
     Kafka { brokers: String, error: String },
     #[error("HTTP endpoint {listen}: {error}")]
-    Http { listen: String, error: std::io::Error },
+    Http {
+        listen: String,
+        error: std::io::Error,
+    },
 }

@@ -41,7 +41,9 @@ use crate::subscribe::Subscriber;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Connect to every cache and start every pool's debouncer.
@@ -52,22 +54,37 @@ pub async fn applier(
 ) -> Result<Applier, ConsumerError> {
     let mut pools = BTreeMap::new();
     for (name, p) in &config.pools {
-        let reload =
-            apply::pool::reloader(name, p).map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
+        let reload = apply::pool::reloader(name, p)
+            .map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
         pools.insert(
             name.clone(),
-            Debouncer::spawn(name, Timing::from_config(p), reload, metrics.clone(), shutdown.clone()),
+            Debouncer::spawn(
+                name,
+                Timing::from_config(p),
+                reload,
+                metrics.clone(),
+                shutdown.clone(),
+            ),
         );
     }
     let mut caches = BTreeMap::new();
     for (name, c) in &config.caches {
         caches.insert(name.clone(), Cache::connect(name, c).await?);
     }
-    Ok(Applier { pools, caches, metrics: metrics.clone(), shutdown: shutdown.clone() })
+    Ok(Applier {
+        pools,
+        caches,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    })
 }
 
 /// Run the consumer until `shutdown` or a fatal error.
-pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+pub async fn run(
+    config: Config,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
     metrics.set_max_staleness(config.max_staleness());
     // Actions get their own token: they are cancelled only after the loop stopped reading,
     // so the action in progress at SIGTERM can finish and be committed.
@@ -78,9 +95,15 @@ pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) 
         None
     } else {
         let listener_sd = CancellationToken::new();
-        let (listen, m, sd) = (config.http.listen.clone(), metrics.clone(), listener_sd.clone());
+        let (listen, m, sd) = (
+            config.http.listen.clone(),
+            metrics.clone(),
+            listener_sd.clone(),
+        );
         let handle = tokio::spawn(async move {
-            metrics::serve(&listen, m, sd).await.map_err(|error| ConsumerError::Http { listen, error })
+            metrics::serve(&listen, m, sd)
+                .await
+                .map_err(|error| ConsumerError::Http { listen, error })
         });
         Some((handle, listener_sd))
     };
@@ -89,7 +112,9 @@ pub async fn run(config: Config, metrics: Metrics, shutdown: CancellationToken) 
         Some(topic) => Some(subscribe::dead_letter(&config, topic, &actions_shutdown).await?),
         None => None,
     };
-    let result = Subscriber::new(config, consumer, applier, metrics, dead_letter).run(shutdown).await;
+    let result = Subscriber::new(config, consumer, applier, metrics, dead_letter)
+        .run(shutdown)
+        .await;
     actions_shutdown.cancel();
     if let Some((handle, sd)) = http {
         sd.cancel();

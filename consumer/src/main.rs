@@ -29,7 +29,13 @@ struct Cli {
     )]
     config: PathBuf,
     /// Log format.
-    #[arg(long, global = true, env = "RTINVAL_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "RTINVAL_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -125,7 +131,9 @@ enum LogFormat {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -160,7 +168,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rtinval-consumer: cannot start the async runtime: {e}");
@@ -188,9 +199,11 @@ fn main() -> ExitCode {
 
 async fn signals(shutdown: CancellationToken, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         shutdown.cancel();
         return;
@@ -212,7 +225,11 @@ async fn signals(shutdown: CancellationToken, path: PathBuf) {
 fn replay(config: &Config, a: &ReplayArgs) -> Result<(), String> {
     use rtinval_consumer::replay::{self, Record, Selection};
     use rtinval_schemas::EventKind;
-    let kinds = a.kind.iter().filter_map(|k| EventKind::ALL.into_iter().find(|x| x.as_str() == k)).collect();
+    let kinds = a
+        .kind
+        .iter()
+        .filter_map(|k| EventKind::ALL.into_iter().find(|x| x.as_str() == k))
+        .collect();
     let sel = Selection {
         topics: a.topic.clone(),
         from_offset: a.from_offset,
@@ -236,9 +253,17 @@ fn replay(config: &Config, a: &ReplayArgs) -> Result<(), String> {
     if let Some(key) = &a.why {
         let mut last: Vec<Record> = Vec::new();
         let cache = a.cache.as_deref();
-        let why_sel = Selection { kinds: Default::default(), cache: None, key: None, ..sel.clone() };
+        let why_sel = Selection {
+            kinds: Default::default(),
+            cache: None,
+            key: None,
+            ..sel.clone()
+        };
         replay::read(config, &why_sel, |r| {
-            if r.event.as_ref().is_some_and(|e| replay::invalidates(e, key, cache)) {
+            if r.event
+                .as_ref()
+                .is_some_and(|e| replay::invalidates(e, key, cache))
+            {
                 last.push(r);
             }
             true
@@ -262,8 +287,10 @@ fn replay(config: &Config, a: &ReplayArgs) -> Result<(), String> {
             true
         });
     }
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let applier = runtime
@@ -272,7 +299,9 @@ fn replay(config: &Config, a: &ReplayArgs) -> Result<(), String> {
     let node = applier.inventory();
     let mut failed = None;
     replay::read(config, &sel, |r| {
-        let Some(e) = r.event.as_ref().filter(|e| sel.matches(e)) else { return true };
+        let Some(e) = r.event.as_ref().filter(|e| sel.matches(e)) else {
+            return true;
+        };
         let actions = replay::actions(e, &node);
         if a.dry_run {
             for line in replay::describe(&actions) {

@@ -34,7 +34,10 @@ pub struct ReasonLabel {
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0].into_iter()
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+    .into_iter()
 }
 
 /// All consumer metrics; cheap to clone.
@@ -147,8 +150,11 @@ impl Metrics {
             "Actions naming a pool or cache this node does not have",
             Counter::default()
         );
-        let second_purges =
-            reg!("rtinval_consumer_second_purges", "Delayed second purges performed", Counter::default());
+        let second_purges = reg!(
+            "rtinval_consumer_second_purges",
+            "Delayed second purges performed",
+            Counter::default()
+        );
         Metrics {
             registry: Arc::new(r),
             second_purges,
@@ -172,22 +178,37 @@ impl Metrics {
     }
 
     pub fn pool_reloaded(&self, pool: &str, requests: u64, took: Duration) {
-        let l = PoolLabel { pool: pool.to_owned() };
+        let l = PoolLabel {
+            pool: pool.to_owned(),
+        };
         self.pool_reloads.get_or_create(&l).inc();
         self.pool_reload_requests.get_or_create(&l).inc_by(requests);
-        self.pool_reload_duration_seconds.observe(took.as_secs_f64());
+        self.pool_reload_duration_seconds
+            .observe(took.as_secs_f64());
     }
 
     pub fn pool_reload_failed(&self, pool: &str) {
-        self.pool_reload_failures.get_or_create(&PoolLabel { pool: pool.to_owned() }).inc();
+        self.pool_reload_failures
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
+            .inc();
     }
 
     pub fn keys_purged(&self, cache: &str, n: usize) {
-        self.keys_purged.get_or_create(&CacheLabel { cache: cache.to_owned() }).inc_by(n as u64);
+        self.keys_purged
+            .get_or_create(&CacheLabel {
+                cache: cache.to_owned(),
+            })
+            .inc_by(n as u64);
     }
 
     pub fn cache_flushed(&self, cache: &str) {
-        self.cache_flushes.get_or_create(&CacheLabel { cache: cache.to_owned() }).inc();
+        self.cache_flushes
+            .get_or_create(&CacheLabel {
+                cache: cache.to_owned(),
+            })
+            .inc();
     }
 
     pub fn resync(&self, reason: &'static str) {
@@ -216,7 +237,8 @@ impl Metrics {
     }
 
     pub fn set_max_staleness(&self, d: Duration) {
-        self.max_staleness_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+        self.max_staleness_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// `None` when ready, else the reason.
@@ -227,9 +249,11 @@ impl Metrics {
         let max = Duration::from_millis(self.max_staleness_ms.load(Ordering::Relaxed));
         match self.refresh_staleness() {
             None => Some("no heartbeat from the producer yet".into()),
-            Some(age) if age > max => {
-                Some(format!("stale: source view is {} s old (bound {} s)", age.as_secs(), max.as_secs()))
-            }
+            Some(age) if age > max => Some(format!(
+                "stale: source view is {} s old (bound {} s)",
+                age.as_secs(),
+                max.as_secs()
+            )),
             Some(_) => None,
         }
     }
@@ -281,5 +305,7 @@ pub async fn serve(
                 }
             }),
         );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }

@@ -54,22 +54,31 @@ pub fn actions(event: &Event, node: &Inventory) -> Vec<Action> {
             .collect(),
         EventBody::CacheKeys { cache, keys } => {
             if !node.caches.contains(cache) {
-                vec![Action::NotHere { name: cache.clone() }]
+                vec![Action::NotHere {
+                    name: cache.clone(),
+                }]
             } else if keys.is_empty() {
                 vec![]
             } else {
-                vec![Action::PurgeKeys { cache: cache.clone(), keys: keys.clone() }]
+                vec![Action::PurgeKeys {
+                    cache: cache.clone(),
+                    keys: keys.clone(),
+                }]
             }
         }
         EventBody::CacheFlush { cache, .. } => {
             if node.caches.contains(cache) {
                 vec![Action::FlushCache(cache.clone())]
             } else {
-                vec![Action::NotHere { name: cache.clone() }]
+                vec![Action::NotHere {
+                    name: cache.clone(),
+                }]
             }
         }
         EventBody::Resync { .. } => node.resync(),
-        EventBody::Heartbeat { source_time } => vec![Action::Freshness { source_time_ms: *source_time }],
+        EventBody::Heartbeat { source_time } => vec![Action::Freshness {
+            source_time_ms: *source_time,
+        }],
     }
 }
 
@@ -99,15 +108,40 @@ mod tests {
     fn events_map_to_actions_on_this_node() {
         let n = node();
         assert_eq!(
-            actions(&ev(EventBody::PoolReset { pools: vec!["rtapi".into(), "other".into()] }), &n),
-            vec![Action::ReloadPool("rtapi".into()), Action::NotHere { name: "other".into() }]
+            actions(
+                &ev(EventBody::PoolReset {
+                    pools: vec!["rtapi".into(), "other".into()]
+                }),
+                &n
+            ),
+            vec![
+                Action::ReloadPool("rtapi".into()),
+                Action::NotHere {
+                    name: "other".into()
+                }
+            ]
         );
         assert_eq!(
-            actions(&ev(EventBody::CacheKeys { cache: "rt".into(), keys: vec!["object:1".into()] }), &n),
-            vec![Action::PurgeKeys { cache: "rt".into(), keys: vec!["object:1".into()] }]
+            actions(
+                &ev(EventBody::CacheKeys {
+                    cache: "rt".into(),
+                    keys: vec!["object:1".into()]
+                }),
+                &n
+            ),
+            vec![Action::PurgeKeys {
+                cache: "rt".into(),
+                keys: vec!["object:1".into()]
+            }]
         );
         assert_eq!(
-            actions(&ev(EventBody::CacheFlush { cache: "rt".into(), reason: "x".into() }), &n),
+            actions(
+                &ev(EventBody::CacheFlush {
+                    cache: "rt".into(),
+                    reason: "x".into()
+                }),
+                &n
+            ),
             vec![Action::FlushCache("rt".into())]
         );
         assert_eq!(
@@ -118,7 +152,12 @@ mod tests {
 
     #[test]
     fn resync_reloads_every_pool_and_flushes_every_cache() {
-        let got = actions(&ev(EventBody::Resync { reason: "position_lost".into() }), &node());
+        let got = actions(
+            &ev(EventBody::Resync {
+                reason: "position_lost".into(),
+            }),
+            &node(),
+        );
         assert_eq!(
             got,
             vec![

@@ -81,8 +81,11 @@ impl Selection {
     /// Whether an event passes the filters.
     pub fn matches(&self, e: &Event) -> bool {
         let kind = e.kind();
-        let kind_ok =
-            if self.kinds.is_empty() { kind != EventKind::Heartbeat } else { self.kinds.contains(&kind) };
+        let kind_ok = if self.kinds.is_empty() {
+            kind != EventKind::Heartbeat
+        } else {
+            self.kinds.contains(&kind)
+        };
         kind_ok
 && self.table.as_ref().is_none_or(|t| {
                 e.source.tables.iter().any(|c| c.table == *t || c.table.rsplit_once('.').is_some_and(|(_, n)| n == t))
@@ -116,7 +119,11 @@ pub fn invalidates(e: &Event, key: &str, cache: Option<&str>) -> bool {
 
 /// Read the selected range, calling `each` for every message in offset order per partition.
 /// Returns when every partition reached its end (never, with `follow`, until `each` says stop).
-pub fn read(config: &Config, sel: &Selection, mut each: impl FnMut(Record) -> bool) -> Result<(), String> {
+pub fn read(
+    config: &Config,
+    sel: &Selection,
+    mut each: impl FnMut(Record) -> bool,
+) -> Result<(), String> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", format!("rtinval-replay-{}", std::process::id()))
@@ -128,23 +135,35 @@ pub fn read(config: &Config, sel: &Selection, mut each: impl FnMut(Record) -> bo
     let consumer: BaseConsumer = c.create().map_err(|e| e.to_string())?;
     let prefix = &config.kafka.topic_prefix;
     let topics: Vec<String> = if sel.topics.is_empty() {
-        vec![format!("{prefix}.pool-reset"), format!("{prefix}.cache-keys")]
+        vec![
+            format!("{prefix}.pool-reset"),
+            format!("{prefix}.cache-keys"),
+        ]
     } else {
         sel.topics.iter().map(|t| format!("{prefix}.{t}")).collect()
     };
     let mut assign = TopicPartitionList::new();
     let mut ends: Vec<(String, i32, i64)> = Vec::new();
     for topic in &topics {
-        let md = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|e| format!("{topic}: {e}"))?;
-        let Some(t) = md.topics().iter().find(|t| t.name() == topic && t.error().is_none()) else {
+        let md = consumer
+            .fetch_metadata(Some(topic), TIMEOUT)
+            .map_err(|e| format!("{topic}: {e}"))?;
+        let Some(t) = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+        else {
             return Err(format!("topic {topic} does not exist"));
         };
         for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), TIMEOUT).map_err(|e| e.to_string())?;
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), TIMEOUT)
+                .map_err(|e| e.to_string())?;
             let mut start = sel.from_offset.unwrap_or(low).clamp(low, high);
             if let (Some(ts), None) = (sel.from_time, sel.from_offset) {
                 let mut q = TopicPartitionList::new();
-                q.add_partition_offset(topic, p.id(), Offset::Offset(ts)).map_err(|e| e.to_string())?;
+                q.add_partition_offset(topic, p.id(), Offset::Offset(ts))
+                    .map_err(|e| e.to_string())?;
                 // Not every broker keeps a time index; then we scan and filter by timestamp.
                 if let Ok(found) = consumer.offsets_for_times(q, TIMEOUT)
                     && let Some(Offset::Offset(o)) = found.elements().first().map(|e| e.offset())
@@ -193,10 +212,16 @@ pub fn read(config: &Config, sel: &Selection, mut each: impl FnMut(Record) -> bo
             done.insert((topic.clone(), partition));
         }
         let timestamp = m.timestamp().to_millis();
-        if sel.from_time.is_some_and(|f| timestamp.is_some_and(|t| t < f)) {
+        if sel
+            .from_time
+            .is_some_and(|f| timestamp.is_some_and(|t| t < f))
+        {
             continue;
         }
-        if sel.to_time.is_some_and(|to| timestamp.is_some_and(|t| t > to)) {
+        if sel
+            .to_time
+            .is_some_and(|to| timestamp.is_some_and(|t| t > to))
+        {
             if sel.follow {
                 continue;
             }
@@ -207,7 +232,14 @@ pub fn read(config: &Config, sel: &Selection, mut each: impl FnMut(Record) -> bo
             Ok(e) => (Some(e), None),
             Err(e) => (None, Some(e.to_string())),
         };
-        let record = Record { topic, partition, offset, timestamp, event, error };
+        let record = Record {
+            topic,
+            partition,
+            offset,
+            timestamp,
+            event,
+            error,
+        };
         if !each(record) {
             return Ok(());
         }
@@ -217,27 +249,44 @@ pub fn read(config: &Config, sel: &Selection, mut each: impl FnMut(Record) -> bo
 /// One line of the readable table.
 pub fn table_row(r: &Record) -> String {
     let when = r.timestamp.map_or_else(|| "-".to_owned(), format_ms);
-    let place = format!("{}[{}]@{}", r.topic.rsplit('.').next().unwrap_or(&r.topic), r.partition, r.offset);
+    let place = format!(
+        "{}[{}]@{}",
+        r.topic.rsplit('.').next().unwrap_or(&r.topic),
+        r.partition,
+        r.offset
+    );
     let Some(e) = &r.event else {
-        return format!("{when}  {place:<22} UNDECODABLE  {}", r.error.as_deref().unwrap_or(""));
+        return format!(
+            "{when}  {place:<22} UNDECODABLE  {}",
+            r.error.as_deref().unwrap_or("")
+        );
     };
     let what = match &e.body {
         EventBody::PoolReset { pools } => format!("pools {}", pools.join(",")),
         EventBody::CacheKeys { cache, keys } => {
             let shown: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();
-            let more = if keys.len() > 3 { format!(" (+{})", keys.len() - 3) } else { String::new() };
+            let more = if keys.len() > 3 {
+                format!(" (+{})", keys.len() - 3)
+            } else {
+                String::new()
+            };
             format!("{cache}: {}{more}", shown.join(" "))
         }
         EventBody::CacheFlush { cache, reason } => format!("{cache} ({reason})"),
         EventBody::Resync { reason } => reason.clone(),
-        EventBody::Heartbeat { source_time } => format!("source at {}", format_ms(*source_time as i64)),
+        EventBody::Heartbeat { source_time } => {
+            format!("source at {}", format_ms(*source_time as i64))
+        }
     };
     let src = match &e.source.gtid {
         Some(g) => format!("gtid {g}"),
         None => format!("{}:{}", e.source.file, e.source.pos),
     };
     let committed = format_ms(e.source.committed_at as i64);
-    format!("{when}  {place:<22} {:<11} {what}  [{src}, committed {committed}]", e.kind().as_str())
+    format!(
+        "{when}  {place:<22} {:<11} {what}  [{src}, committed {committed}]",
+        e.kind().as_str()
+    )
 }
 
 /// What `--apply --dry-run` prints for one event.
@@ -247,7 +296,11 @@ pub fn describe(actions: &[Action]) -> Vec<String> {
         .map(|a| match a {
             Action::ReloadPool(p) => format!("would reload pool {p}"),
             Action::PurgeKeys { cache, keys } => {
-                format!("would purge {} key(s) from cache {cache}: {}", keys.len(), keys.join(" "))
+                format!(
+                    "would purge {} key(s) from cache {cache}: {}",
+                    keys.len(),
+                    keys.join(" ")
+                )
             }
             Action::FlushCache(c) => format!("would flush cache {c}"),
             Action::Freshness { .. } => "would record freshness".to_owned(),
@@ -268,15 +321,25 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
     }
     let bad = || format!("{s:?} is not RFC 3339 (2026-11-26T21:00:00Z) or Unix milliseconds");
     let (date, time) = s.split_once(['T', ' ']).ok_or_else(bad)?;
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().map_err(|_| bad()));
-    let (y, mo, day) = (d.next().ok_or_else(bad)??, d.next().ok_or_else(bad)??, d.next().ok_or_else(bad)??);
+    let mut d = date
+        .splitn(3, '-')
+        .map(|p| p.parse::<i64>().map_err(|_| bad()));
+    let (y, mo, day) = (
+        d.next().ok_or_else(bad)??,
+        d.next().ok_or_else(bad)??,
+        d.next().ok_or_else(bad)??,
+    );
     let (clock, offset_min) = if let Some(c) = time.strip_suffix('Z') {
         (c, 0)
     } else if let Some(i) = time.rfind(['+', '-']) {
         let (c, off) = time.split_at(i);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let (oh, om) = off[1..].split_once(':').ok_or_else(bad)?;
-        (c, sign * (oh.parse::<i64>().map_err(|_| bad())? * 60 + om.parse::<i64>().map_err(|_| bad())?))
+        (
+            c,
+            sign * (oh.parse::<i64>().map_err(|_| bad())? * 60
+                + om.parse::<i64>().map_err(|_| bad())?),
+        )
     } else {
         return Err(bad());
     };
@@ -288,7 +351,10 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         return Err(bad());
     }
     let days = days_from_civil(y, mo, day);
-    Ok((days * 86_400 + h * 3600 + mi * 60 - offset_min * 60) * 1000 + (sec * 1000.0).round() as i64)
+    Ok(
+        (days * 86_400 + h * 3600 + mi * 60 - offset_min * 60) * 1000
+            + (sec * 1000.0).round() as i64,
+    )
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -316,7 +382,12 @@ pub fn format_ms(ms: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -327,8 +398,14 @@ mod tests {
     #[test]
     fn times_parse_and_format() {
         assert_eq!(parse_time("1970-01-01T00:00:00Z").unwrap(), 0);
-        assert_eq!(parse_time("2026-11-26T21:00:00.5Z").unwrap(), 1_795_726_800_500);
-        assert_eq!(parse_time("2026-11-26T22:00:00+01:00").unwrap(), 1_795_726_800_000);
+        assert_eq!(
+            parse_time("2026-11-26T21:00:00.5Z").unwrap(),
+            1_795_726_800_500
+        );
+        assert_eq!(
+            parse_time("2026-11-26T22:00:00+01:00").unwrap(),
+            1_795_726_800_000
+        );
         assert_eq!(parse_time("1795726800500").unwrap(), 1_795_726_800_500);
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("2026-13-01T00:00:00Z").is_err());
@@ -345,7 +422,10 @@ mod tests {
                 gtid: Some("0-1-9".into()),
                 file: "f".into(),
                 pos: 9,
-                tables: vec![TableChange { table: "rt.Object".into(), ops: vec![] }],
+                tables: vec![TableChange {
+                    table: "rt.Object".into(),
+                    ops: vec![],
+                }],
                 committed_at: 0,
             },
             emitted_at: 0,
@@ -355,8 +435,10 @@ mod tests {
 
     #[test]
     fn filters() {
-        let keys =
-            ev(EventBody::CacheKeys { cache: "rt".into(), keys: vec!["object:1".into(), "object:2".into()] });
+        let keys = ev(EventBody::CacheKeys {
+            cache: "rt".into(),
+            keys: vec!["object:1".into(), "object:2".into()],
+        });
         let hb = ev(EventBody::Heartbeat { source_time: 1 });
         let all = Selection::default();
         assert!(all.matches(&keys));
@@ -382,6 +464,10 @@ mod tests {
         );
         assert!(invalidates(&keys, "object:1", Some("rt")));
         assert!(!invalidates(&keys, "object:1", Some("x")));
-        assert!(invalidates(&ev(EventBody::Resync { reason: "r".into() }), "object:1", None));
+        assert!(invalidates(
+            &ev(EventBody::Resync { reason: "r".into() }),
+            "object:1",
+            None
+        ));
     }
 }

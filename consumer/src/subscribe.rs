@@ -34,7 +34,10 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The two event topics for a prefix.
 pub fn topics(prefix: &str) -> [String; 2] {
-    [format!("{prefix}.pool-reset"), format!("{prefix}.cache-keys")]
+    [
+        format!("{prefix}.pool-reset"),
+        format!("{prefix}.cache-keys"),
+    ]
 }
 
 /// Build the Kafka consumer of this node.
@@ -55,8 +58,10 @@ pub fn consumer(config: &Config) -> Result<StreamConsumer, ConsumerError> {
     for (k, v) in &config.kafka.options {
         c.set(k, v);
     }
-    c.create()
-        .map_err(|e| ConsumerError::Kafka { brokers: config.kafka.brokers.clone(), error: e.to_string() })
+    c.create().map_err(|e| ConsumerError::Kafka {
+        brokers: config.kafka.brokers.clone(),
+        error: e.to_string(),
+    })
 }
 
 struct Done {
@@ -94,11 +99,19 @@ impl DeadLetter {
         error: &str,
     ) -> futures::future::BoxFuture<'static, Result<(), Interrupted>> {
         use rdkafka::message::{Header, OwnedHeaders};
-        let (producer, topic, shutdown) = (self.producer.clone(), self.topic.clone(), self.shutdown.clone());
+        let (producer, topic, shutdown) = (
+            self.producer.clone(),
+            self.topic.clone(),
+            self.shutdown.clone(),
+        );
         let payload = m.payload().map(<[u8]>::to_vec);
         let key = m.key().map(<[u8]>::to_vec);
-        let origin =
-            (m.topic().to_owned(), m.partition().to_string(), m.offset().to_string(), error.to_owned());
+        let origin = (
+            m.topic().to_owned(),
+            m.partition().to_string(),
+            m.offset().to_string(),
+            error.to_owned(),
+        );
         async move {
             let mut backoff = Duration::from_millis(200);
             loop {
@@ -141,7 +154,14 @@ impl Subscriber {
         dead_letter: Option<DeadLetter>,
     ) -> Subscriber {
         let inventory = applier.inventory();
-        Subscriber { config, consumer, applier, inventory, metrics, dead_letter }
+        Subscriber {
+            config,
+            consumer,
+            applier,
+            inventory,
+            metrics,
+            dead_letter,
+        }
     }
 
     /// All partitions of both topics, waiting (with a log line) until the producer created them.
@@ -155,9 +175,13 @@ impl Subscriber {
             let mut tpl = TopicPartitionList::new();
             let mut missing = Vec::new();
             for name in &names {
-                let md = self.consumer.fetch_metadata(Some(name), TIMEOUT).map_err(|e| {
-                    ConsumerError::Kafka { brokers: self.config.kafka.brokers.clone(), error: e.to_string() }
-                })?;
+                let md = self
+                    .consumer
+                    .fetch_metadata(Some(name), TIMEOUT)
+                    .map_err(|e| ConsumerError::Kafka {
+                        brokers: self.config.kafka.brokers.clone(),
+                        error: e.to_string(),
+                    })?;
                 match md.topics().iter().find(|t| t.name() == name) {
                     Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
                         for p in t.partitions() {
@@ -182,20 +206,28 @@ impl Subscriber {
     }
 
     /// Start offsets: committed ones, or — after a local resync — the high watermarks.
-    async fn start_offsets(&self, all: &TopicPartitionList) -> Result<TopicPartitionList, ConsumerError> {
+    async fn start_offsets(
+        &self,
+        all: &TopicPartitionList,
+    ) -> Result<TopicPartitionList, ConsumerError> {
         let kafka_err = |e: rdkafka::error::KafkaError| ConsumerError::Kafka {
             brokers: self.config.kafka.brokers.clone(),
             error: e.to_string(),
         };
-        let committed = self.consumer.committed_offsets(all.clone(), TIMEOUT).map_err(kafka_err)?;
+        let committed = self
+            .consumer
+            .committed_offsets(all.clone(), TIMEOUT)
+            .map_err(kafka_err)?;
         let mut start = TopicPartitionList::new();
         // Partitions that start at the high watermark after a resync.
         let mut reset = TopicPartitionList::new();
         let (mut fresh, mut out_of_range) = (0, 0);
         for e in committed.elements() {
             // Watermarks first: the resync below covers everything before them.
-            let (low, high) =
-                self.consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT).map_err(kafka_err)?;
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
+                .map_err(kafka_err)?;
             match e.offset() {
                 // Checked here too, not only by the broker: some Kafka-protocol brokers answer a
                 // fetch beyond the end with an empty batch instead of OFFSET_OUT_OF_RANGE.
@@ -227,12 +259,20 @@ impl Subscriber {
             }
         }
         if reset.count() > 0 {
-            let reason = if out_of_range > 0 { "offset_out_of_range" } else { "no_committed_offset" };
+            let reason = if out_of_range > 0 {
+                "offset_out_of_range"
+            } else {
+                "no_committed_offset"
+            };
             warn!(fresh, out_of_range, group = %self.config.group_id(), reason, "Resyncing this node before consuming.");
             self.resync(reason).await?;
-            self.consumer.commit(&reset, CommitMode::Sync).map_err(kafka_err)?;
+            self.consumer
+                .commit(&reset, CommitMode::Sync)
+                .map_err(kafka_err)?;
             for e in reset.elements() {
-                start.add_partition_offset(e.topic(), e.partition(), e.offset()).map_err(kafka_err)?;
+                start
+                    .add_partition_offset(e.topic(), e.partition(), e.offset())
+                    .map_err(kafka_err)?;
             }
         }
         Ok(start)
@@ -252,25 +292,40 @@ impl Subscriber {
         };
         let mut high = TopicPartitionList::new();
         for e in all.elements() {
-            let (_, h) =
-                self.consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT).map_err(kafka_err)?;
-            high.add_partition_offset(e.topic(), e.partition(), Offset::Offset(h)).map_err(kafka_err)?;
+            let (_, h) = self
+                .consumer
+                .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
+                .map_err(kafka_err)?;
+            high.add_partition_offset(e.topic(), e.partition(), Offset::Offset(h))
+                .map_err(kafka_err)?;
         }
         self.resync(reason).await?;
         self.consumer.assign(&high).map_err(kafka_err)?;
-        self.consumer.commit(&high, CommitMode::Sync).map_err(kafka_err)?;
-        info!(reason, "Resynced; consuming from the current end of every partition.");
+        self.consumer
+            .commit(&high, CommitMode::Sync)
+            .map_err(kafka_err)?;
+        info!(
+            reason,
+            "Resynced; consuming from the current end of every partition."
+        );
         Ok(())
     }
 
     async fn resync(&self, reason: &'static str) -> Result<(), ConsumerError> {
         self.metrics.resync(reason);
         let actions = self.inventory.resync();
-        info!(reason, actions = actions.len(), "Local resync: reloading every pool, flushing every cache.");
-        self.applier.apply(actions).await.map_err(|_| ConsumerError::Kafka {
-            brokers: self.config.kafka.brokers.clone(),
-            error: "interrupted during the initial resync".into(),
-        })
+        info!(
+            reason,
+            actions = actions.len(),
+            "Local resync: reloading every pool, flushing every cache."
+        );
+        self.applier
+            .apply(actions)
+            .await
+            .map_err(|_| ConsumerError::Kafka {
+                brokers: self.config.kafka.brokers.clone(),
+                error: "interrupted during the initial resync".into(),
+            })
     }
 
     /// Run until `shutdown`; returns after the final commit.
@@ -279,10 +334,12 @@ impl Subscriber {
             return Ok(());
         };
         let start = self.start_offsets(&all).await?;
-        self.consumer.assign(&start).map_err(|e| ConsumerError::Kafka {
-            brokers: self.config.kafka.brokers.clone(),
-            error: e.to_string(),
-        })?;
+        self.consumer
+            .assign(&start)
+            .map_err(|e| ConsumerError::Kafka {
+                brokers: self.config.kafka.brokers.clone(),
+                error: e.to_string(),
+            })?;
         self.metrics.set_assigned(true);
         info!(group = %self.config.group_id(), partitions = start.count(), "Consuming.");
 
@@ -290,7 +347,8 @@ impl Subscriber {
         let mut progress =
             tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
         let mut applied_since = 0u64;
-        let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> = FuturesOrdered::new();
+        let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> =
+            FuturesOrdered::new();
         let mut messages = self.consumer.stream();
         loop {
             tokio::select! {
@@ -324,13 +382,20 @@ impl Subscriber {
                 self.complete(done);
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
-            warn!("Shutdown: some actions did not finish within 10 s; their offsets stay uncommitted.");
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
+            warn!(
+                "Shutdown: some actions did not finish within 10 s; their offsets stay uncommitted."
+            );
         }
         self.metrics.set_assigned(false);
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => info!("Offsets committed."),
-            Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
             Err(e) => {
                 warn!(error = %e, "Final offset commit failed; the next start re-applies from the last commit.")
             }
@@ -349,7 +414,11 @@ impl Subscriber {
                     self.metrics.resync("producer");
                 }
                 let actions = plan::actions(&event, &self.inventory);
-                (self.applier.apply(actions), Some(event.kind()), event.source.committed_at)
+                (
+                    self.applier.apply(actions),
+                    Some(event.kind()),
+                    event.source.committed_at,
+                )
             }
             Err(e) => {
                 // Poison message: never skipped silently. Keep a copy (if configured), resync.
@@ -369,7 +438,15 @@ impl Subscriber {
         };
         async move {
             let result = fut.await;
-            Done { topic, partition, offset, kind, received, committed_at, result }
+            Done {
+                topic,
+                partition,
+                offset,
+                kind,
+                received,
+                committed_at,
+                result,
+            }
         }
         .boxed()
     }
@@ -379,16 +456,28 @@ impl Subscriber {
             return;
         }
         if let Some(kind) = done.kind {
-            self.metrics.events_applied.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+            self.metrics
+                .events_applied
+                .get_or_create(&KindLabel {
+                    kind: kind.as_str(),
+                })
+                .inc();
             if kind != EventKind::Heartbeat {
-                self.metrics.apply_latency_seconds.observe(done.received.elapsed().as_secs_f64());
+                self.metrics
+                    .apply_latency_seconds
+                    .observe(done.received.elapsed().as_secs_f64());
                 if done.committed_at > 0 {
                     let e2e = crate::now_ms().saturating_sub(done.committed_at);
-                    self.metrics.end_to_end_latency_seconds.observe(e2e as f64 / 1000.0);
+                    self.metrics
+                        .end_to_end_latency_seconds
+                        .observe(e2e as f64 / 1000.0);
                 }
             }
         }
-        if let Err(e) = self.consumer.store_offset(&done.topic, done.partition, done.offset + 1) {
+        if let Err(e) = self
+            .consumer
+            .store_offset(&done.topic, done.partition, done.offset + 1)
+        {
             warn!(topic = %done.topic, partition = done.partition, offset = done.offset, error = %e, "Cannot store offset.");
         }
     }
@@ -401,7 +490,10 @@ pub async fn dead_letter(
     shutdown: &CancellationToken,
 ) -> Result<DeadLetter, ConsumerError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let err = |e: String| ConsumerError::Kafka { brokers: config.kafka.brokers.clone(), error: e };
+    let err = |e: String| ConsumerError::Kafka {
+        brokers: config.kafka.brokers.clone(),
+        error: e,
+    };
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.brokers);
     for (k, v) in &config.kafka.options {
@@ -410,16 +502,28 @@ pub async fn dead_letter(
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         c.create().map_err(|e| err(e.to_string()))?;
     let results = admin
-        .create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await
         .map_err(|e| err(e.to_string()))?;
     for r in results {
         match r {
             Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => return Err(err(format!("cannot create dead-letter topic {t}: {code}"))),
+            Err((t, code)) => {
+                return Err(err(format!("cannot create dead-letter topic {t}: {code}")));
+            }
         }
     }
-    let producer =
-        c.set("enable.idempotence", "true").set("acks", "all").create().map_err(|e| err(e.to_string()))?;
-    Ok(DeadLetter { producer, topic: topic.to_owned(), shutdown: shutdown.clone() })
+    let producer = c
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(|e| err(e.to_string()))?;
+    Ok(DeadLetter {
+        producer,
+        topic: topic.to_owned(),
+        shutdown: shutdown.clone(),
+    })
 }

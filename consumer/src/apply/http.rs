@@ -30,13 +30,21 @@ impl HttpTarget {
             None => (rest, "/"),
         };
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("{url:?}: bad port {p:?}"))?),
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("{url:?}: bad port {p:?}"))?,
+            ),
             None => (authority, 80),
         };
         if host.is_empty() || host.contains('@') {
             return Err(format!("{url:?}: needs a host (and no credentials)"));
         }
-        Ok(HttpTarget { host: host.to_owned(), port, path: path.to_owned() })
+        Ok(HttpTarget {
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+        })
     }
 
     /// Send `method` with an empty body; `Ok` on a 2xx status.
@@ -49,7 +57,9 @@ impl HttpTarget {
                 "{method} {} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: rtinval-consumer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 self.path, self.host, self.port
             );
-            s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
             let mut head = Vec::with_capacity(256);
             let mut buf = [0u8; 256];
             while !head.windows(2).any(|w| w == b"\r\n") {
@@ -60,11 +70,21 @@ impl HttpTarget {
                 head.extend_from_slice(&buf[..n]);
             }
             let line = String::from_utf8_lossy(&head);
-            let status: u16 =
-                line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
-                    format!("not an HTTP response: {:?}", line.lines().next().unwrap_or(""))
+            let status: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "not an HTTP response: {:?}",
+                        line.lines().next().unwrap_or("")
+                    )
                 })?;
-            if (200..300).contains(&status) { Ok(()) } else { Err(format!("status {status}")) }
+            if (200..300).contains(&status) {
+                Ok(())
+            } else {
+                Err(format!("status {status}"))
+            }
         };
         tokio::time::timeout(timeout, run)
             .await
@@ -80,17 +100,31 @@ mod tests {
     fn urls() {
         assert_eq!(
             HttpTarget::parse("http://127.0.0.1:8080/reload").unwrap(),
-            HttpTarget { host: "127.0.0.1".into(), port: 8080, path: "/reload".into() }
+            HttpTarget {
+                host: "127.0.0.1".into(),
+                port: 8080,
+                path: "/reload".into()
+            }
         );
-        assert_eq!(HttpTarget::parse("http://localhost").unwrap().to_string(), "http://localhost:80/");
-        assert!(HttpTarget::parse("https://x/").unwrap_err().contains("https"));
+        assert_eq!(
+            HttpTarget::parse("http://localhost").unwrap().to_string(),
+            "http://localhost:80/"
+        );
+        assert!(
+            HttpTarget::parse("https://x/")
+                .unwrap_err()
+                .contains("https")
+        );
         assert!(HttpTarget::parse("http://:1/").is_err());
         assert!(HttpTarget::parse("http://h:x/").is_err());
     }
 
     #[tokio::test]
     async fn status_decides_success() {
-        for (status, ok) in [("204 No Content", true), ("500 Internal Server Error", false)] {
+        for (status, ok) in [
+            ("204 No Content", true),
+            ("500 Internal Server Error", false),
+        ] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             let server = tokio::spawn(async move {
@@ -103,8 +137,17 @@ mod tests {
                 String::from_utf8_lossy(&buf[..n]).into_owned()
             });
             let t = HttpTarget::parse(&format!("http://127.0.0.1:{port}/reload")).unwrap();
-            assert_eq!(t.call("POST", Duration::from_secs(5)).await.is_ok(), ok, "{status}");
-            assert!(server.await.unwrap().starts_with("POST /reload HTTP/1.1\r\n"));
+            assert_eq!(
+                t.call("POST", Duration::from_secs(5)).await.is_ok(),
+                ok,
+                "{status}"
+            );
+            assert!(
+                server
+                    .await
+                    .unwrap()
+                    .starts_with("POST /reload HTTP/1.1\r\n")
+            );
         }
     }
 }

@@ -25,42 +25,58 @@ pub struct MemcachedCache {
 
 /// Whether memcached can store this key.
 pub fn valid_key(key: &[u8]) -> bool {
-    !key.is_empty() && key.len() <= MAX_KEY && key.iter().all(|b| b.is_ascii_graphic() || *b >= 0x80)
+    !key.is_empty()
+        && key.len() <= MAX_KEY
+        && key.iter().all(|b| b.is_ascii_graphic() || *b >= 0x80)
 }
 
 impl MemcachedCache {
     /// Connect (fails fast with a clear error when memcached is unreachable at start).
-    pub async fn connect(name: &str, addr: &str, prefix: &str) -> Result<MemcachedCache, CacheError> {
+    pub async fn connect(
+        name: &str,
+        addr: &str,
+        prefix: &str,
+    ) -> Result<MemcachedCache, CacheError> {
         let cache = MemcachedCache {
             name: name.to_owned(),
             addr: addr.to_owned(),
             prefix: prefix.to_owned(),
             conn: Arc::new(Mutex::new(None)),
         };
-        cache.with_client(|c| Box::pin(async move { c.version().await.map(|_| ()) })).await?;
+        cache
+            .with_client(|c| Box::pin(async move { c.version().await.map(|_| ()) }))
+            .await?;
         Ok(cache)
     }
 
     fn err(&self, e: impl std::fmt::Display) -> CacheError {
-        CacheError { cache: self.name.clone(), url: self.addr.clone(), error: e.to_string() }
+        CacheError {
+            cache: self.name.clone(),
+            url: self.addr.clone(),
+            error: e.to_string(),
+        }
     }
 
     async fn with_client<T>(
         &self,
         op: impl for<'c> FnOnce(
             &'c mut Client,
-        ) -> futures::future::BoxFuture<'c, Result<T, async_memcached::Error>>,
+        )
+            -> futures::future::BoxFuture<'c, Result<T, async_memcached::Error>>,
     ) -> Result<T, CacheError> {
         let mut guard = self.conn.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            let connect = tokio::time::timeout(std::time::Duration::from_secs(10), Client::new(&self.addr));
+            let connect =
+                tokio::time::timeout(std::time::Duration::from_secs(10), Client::new(&self.addr));
             let client = connect
                 .await
                 .map_err(|_| self.err("connect timed out after 10 s"))?
                 .map_err(|e| self.err(e))?;
             *guard = Some(client);
         }
-        let Some(client) = guard.as_mut() else { return Err(self.err("no connection")) };
+        let Some(client) = guard.as_mut() else {
+            return Err(self.err("no connection"));
+        };
         let result = op(client).await;
         if result.is_err() {
             *guard = None;
@@ -93,7 +109,8 @@ impl MemcachedCache {
 
     /// `flush_all`.
     pub async fn flush(&self) -> Result<(), CacheError> {
-        self.with_client(|c| Box::pin(async move { c.flush_all().await })).await
+        self.with_client(|c| Box::pin(async move { c.flush_all().await }))
+            .await
     }
 }
 

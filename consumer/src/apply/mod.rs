@@ -57,12 +57,16 @@ impl Cache {
                 Backend::Redis(redis::RedisCache::connect(name, config).await?)
             }
             crate::config::CacheKind::Memcached => Backend::Memcached(
-                memcached::MemcachedCache::connect(name, &config.memcached_addr(), &config.prefix).await?,
+                memcached::MemcachedCache::connect(name, &config.memcached_addr(), &config.prefix)
+                    .await?,
             ),
         };
         let second_purge =
             (config.second_purge_ms > 0).then(|| Duration::from_millis(config.second_purge_ms));
-        Ok(Cache { backend, second_purge })
+        Ok(Cache {
+            backend,
+            second_purge,
+        })
     }
 
     /// Delete `keys` (missing keys count as deleted).

@@ -60,11 +60,14 @@ pub fn reloader(name: &str, c: &PoolConfig) -> Result<ReloadFn, String> {
             Ok(Arc::new(move || {
                 let (pool, target, method) = (pool.clone(), target.clone(), method.clone());
                 Box::pin(async move {
-                    target.call(&method, timeout).await.map_err(|error| ReloadError::Http {
-                        pool,
-                        url: target.to_string(),
-                        error,
-                    })
+                    target
+                        .call(&method, timeout)
+                        .await
+                        .map_err(|error| ReloadError::Http {
+                            pool,
+                            url: target.to_string(),
+                            error,
+                        })
                 })
             }))
         }
@@ -79,12 +82,18 @@ pub fn reloader(name: &str, c: &PoolConfig) -> Result<ReloadFn, String> {
     }
 }
 
-async fn send_signal(pool: &str, pidfile: &str, signal: nix::sys::signal::Signal) -> Result<(), ReloadError> {
-    let text = tokio::fs::read_to_string(pidfile).await.map_err(|e| ReloadError::Pidfile {
-        pool: pool.to_owned(),
-        path: pidfile.to_owned(),
-        error: e.to_string(),
-    })?;
+async fn send_signal(
+    pool: &str,
+    pidfile: &str,
+    signal: nix::sys::signal::Signal,
+) -> Result<(), ReloadError> {
+    let text = tokio::fs::read_to_string(pidfile)
+        .await
+        .map_err(|e| ReloadError::Pidfile {
+            pool: pool.to_owned(),
+            path: pidfile.to_owned(),
+            error: e.to_string(),
+        })?;
     let pid: i32 = text.trim().parse().map_err(|_| ReloadError::Pidfile {
         pool: pool.to_owned(),
         path: pidfile.to_owned(),
@@ -97,17 +106,25 @@ async fn send_signal(pool: &str, pidfile: &str, signal: nix::sys::signal::Signal
             error: format!("refusing to signal pid {pid}"),
         });
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| ReloadError::Signal {
-        pool: pool.to_owned(),
-        signal: signal.to_string(),
-        pid,
-        error: e.to_string(),
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| {
+        ReloadError::Signal {
+            pool: pool.to_owned(),
+            signal: signal.to_string(),
+            pid,
+            error: e.to_string(),
+        }
     })
 }
 
 async fn run_command(pool: &str, argv: &[String], timeout: Duration) -> Result<(), ReloadError> {
-    let err = |error: String| ReloadError::Command { pool: pool.to_owned(), command: argv.join(" "), error };
-    let (program, args) = argv.split_first().ok_or_else(|| err("empty command".into()))?;
+    let err = |error: String| ReloadError::Command {
+        pool: pool.to_owned(),
+        command: argv.join(" "),
+        error,
+    };
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| err("empty command".into()))?;
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -115,7 +132,10 @@ async fn run_command(pool: &str, argv: &[String], timeout: Duration) -> Result<(
         .spawn()
         .map_err(|e| err(e.to_string()))?;
     match tokio::time::timeout(timeout, child.wait()).await {
-        Err(_) => Err(err(format!("timed out after {} s (killed)", timeout.as_secs()))),
+        Err(_) => Err(err(format!(
+            "timed out after {} s (killed)",
+            timeout.as_secs()
+        ))),
         Ok(Err(e)) => Err(err(e.to_string())),
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(err(format!("exited with {status}"))),
@@ -155,8 +175,19 @@ impl Debouncer {
         shutdown: CancellationToken,
     ) -> Debouncer {
         let (completed, _) = watch::channel(0);
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Notify::new(), completed });
-        tokio::spawn(run(name.to_owned(), timing, reload, metrics, shared.clone(), shutdown.clone()));
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            completed,
+        });
+        tokio::spawn(run(
+            name.to_owned(),
+            timing,
+            reload,
+            metrics,
+            shared.clone(),
+            shutdown.clone(),
+        ));
         Debouncer { shared, shutdown }
     }
 
@@ -305,7 +336,10 @@ mod tests {
         }
         let times = times.lock().unwrap().clone();
         assert!(times.len() <= 3, "{} reloads", times.len());
-        assert!(*times.last().unwrap() >= last_request, "last reload after the last request");
+        assert!(
+            *times.last().unwrap() >= last_request,
+            "last reload after the last request"
+        );
         // max_delay bounds the first reload.
         assert!(times[0] - start <= Duration::from_millis(1000) + Duration::from_millis(1));
     }
@@ -352,13 +386,23 @@ mod tests {
             let c = c.clone();
             Box::pin(async move {
                 if c.fetch_add(1, Ordering::SeqCst) < 2 {
-                    Err(ReloadError::Command { pool: "p".into(), command: "x".into(), error: "boom".into() })
+                    Err(ReloadError::Command {
+                        pool: "p".into(),
+                        command: "x".into(),
+                        error: "boom".into(),
+                    })
                 } else {
                     Ok(())
                 }
             })
         });
-        let d = Debouncer::spawn("p", timing(10, 100, 0), flaky, Metrics::new(), CancellationToken::new());
+        let d = Debouncer::spawn(
+            "p",
+            timing(10, 100, 0),
+            flaky,
+            Metrics::new(),
+            CancellationToken::new(),
+        );
         d.request().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
@@ -367,7 +411,11 @@ mod tests {
     async fn shutdown_interrupts_a_waiting_request() {
         let never: ReloadFn = Arc::new(|| {
             Box::pin(async {
-                Err(ReloadError::Command { pool: "p".into(), command: "x".into(), error: "down".into() })
+                Err(ReloadError::Command {
+                    pool: "p".into(),
+                    command: "x".into(),
+                    error: "down".into(),
+                })
             })
         });
         let sd = CancellationToken::new();
@@ -393,14 +441,24 @@ mod tests {
             min_interval_ms: 0,
         };
         assert!(reloader("p", &ok).unwrap()().await.is_ok());
-        let fail = PoolConfig { command: vec!["false".into()], ..ok.clone() };
+        let fail = PoolConfig {
+            command: vec!["false".into()],
+            ..ok.clone()
+        };
         let e = reloader("p", &fail).unwrap()().await.unwrap_err();
         assert!(e.to_string().contains("exited with"), "{e}");
-        let slow = PoolConfig { command: vec!["sleep".into(), "5".into()], timeout_secs: 1, ..ok.clone() };
+        let slow = PoolConfig {
+            command: vec!["sleep".into(), "5".into()],
+            timeout_secs: 1,
+            ..ok.clone()
+        };
         let e = reloader("p", &slow).unwrap()().await.unwrap_err();
         assert!(e.to_string().contains("timed out"), "{e}");
-        let missing =
-            PoolConfig { reload: ReloadKind::Signal, pidfile: Some("/nonexistent/x.pid".into()), ..ok };
+        let missing = PoolConfig {
+            reload: ReloadKind::Signal,
+            pidfile: Some("/nonexistent/x.pid".into()),
+            ..ok
+        };
         let e = reloader("p", &missing).unwrap()().await.unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.pid"), "{e}");
     }

@@ -29,14 +29,17 @@ impl RedisCache {
             error: e.to_string(),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(err)?;
-        let conn = tokio::time::timeout(std::time::Duration::from_secs(10), ConnectionManager::new(client))
-            .await
-            .map_err(|_| CacheError {
-                cache: name.to_owned(),
-                url: url.clone(),
-                error: "connect timed out after 10 s".into(),
-            })?
-            .map_err(err)?;
+        let conn = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            ConnectionManager::new(client),
+        )
+        .await
+        .map_err(|_| CacheError {
+            cache: name.to_owned(),
+            url: url.clone(),
+            error: "connect timed out after 10 s".into(),
+        })?
+        .map_err(err)?;
         Ok(RedisCache {
             name: name.to_owned(),
             url,
@@ -47,7 +50,11 @@ impl RedisCache {
     }
 
     fn err(&self, e: redis::RedisError) -> CacheError {
-        CacheError { cache: self.name.clone(), url: self.url.clone(), error: e.to_string() }
+        CacheError {
+            cache: self.name.clone(),
+            url: self.url.clone(),
+            error: e.to_string(),
+        }
     }
 
     /// UNLINK `keys` (prefixed) in one pipelined round trip.
@@ -68,16 +75,20 @@ impl RedisCache {
             cmd.ignore();
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(|e| self.err(e))
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Delete every key of the cache.
     pub async fn flush(&self) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         match self.flush {
-            FlushMode::Flushdb => {
-                redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut conn).await.map_err(|e| self.err(e))
-            }
+            FlushMode::Flushdb => redis::cmd("FLUSHDB")
+                .arg("ASYNC")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.err(e)),
             FlushMode::Prefix | FlushMode::FlushAll => {
                 let pattern = format!("{}*", glob_escape(&self.prefix));
                 let mut cursor: u64 = 0;
