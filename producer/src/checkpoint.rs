@@ -36,6 +36,20 @@ pub struct Position {
     pub server_id: u32,
 }
 
+impl Position {
+    /// The `source` block of an event emitted at this position (no table changes of its own).
+    pub fn source(&self, committed_at: u64) -> rtinval_schemas::Source {
+        rtinval_schemas::Source {
+            server_id: self.server_id,
+            gtid: self.gtid.clone(),
+            file: self.file.clone(),
+            pos: self.pos,
+            tables: vec![],
+            committed_at,
+        }
+    }
+}
+
 impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.file, self.pos)?;

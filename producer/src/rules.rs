@@ -76,6 +76,21 @@ impl Template {
         Ok(Template { parts })
     }
 
+    /// Compile against a table: `column` gives a placeholder's index in the row, if any.
+    fn compile(&self, mut column: impl FnMut(&str) -> Option<usize>) -> CompiledTemplate {
+        CompiledTemplate(
+            self.parts
+                .iter()
+                .map(|p| match p {
+                    Part::Literal(l) => CompiledPart::Literal(l.clone()),
+                    Part::Column(c) => {
+                        column(c).map_or(CompiledPart::Missing, CompiledPart::Column)
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// Column names the template reads.
     pub fn columns(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
@@ -225,23 +240,7 @@ impl TableRules {
                     .map(|p| Arc::from(p.as_str()))
                     .collect(),
                 cache: r.cache.as_deref().map(Arc::from),
-                keys: r
-                    .keys
-                    .iter()
-                    .map(|t| {
-                        CompiledTemplate(
-                            t.parts
-                                .iter()
-                                .map(|p| match p {
-                                    Part::Literal(l) => CompiledPart::Literal(l.clone()),
-                                    Part::Column(c) => {
-                                        index(c).map_or(CompiledPart::Missing, CompiledPart::Column)
-                                    }
-                                })
-                                .collect(),
-                        )
-                    })
-                    .collect(),
+                keys: r.keys.iter().map(|t| t.compile(&mut index)).collect(),
             })
             .collect();
         let position = |name: &str| columns.iter().position(|c| c.eq_ignore_ascii_case(name));
@@ -266,22 +265,7 @@ impl TableRules {
                         .map(|p| Arc::from(p.as_str()))
                         .collect(),
                     cache: r.cache.as_deref().map(Arc::from),
-                    keys: r
-                        .keys
-                        .iter()
-                        .map(|t| {
-                            CompiledTemplate(
-                                t.parts
-                                    .iter()
-                                    .map(|p| match p {
-                                        Part::Literal(l) => CompiledPart::Literal(l.clone()),
-                                        Part::Column(c) => via_fk(c)
-                                            .map_or(CompiledPart::Missing, CompiledPart::Column),
-                                    })
-                                    .collect(),
-                            )
-                        })
-                        .collect(),
+                    keys: r.keys.iter().map(|t| t.compile(via_fk)).collect(),
                 });
             }
         }

@@ -22,7 +22,7 @@ use mysql_async::binlog::EventType;
 use mysql_async::binlog::events::{Event as BinlogEvent, EventData, RowsEventData};
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, Opts};
-use rtinval_schemas::{Event, EventBody, Op, SCHEMA_VERSION, Source as EventSource, event_id};
+use rtinval_schemas::{Event, EventBody, Op, SCHEMA_VERSION, event_id};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -252,14 +252,7 @@ impl BinlogSource {
         let event = Event {
             schema_version: SCHEMA_VERSION,
             id: event_id(p.server_id, &p.file, p.pos, 0),
-            source: EventSource {
-                server_id: p.server_id,
-                gtid: p.gtid.clone(),
-                file: p.file.clone(),
-                pos: p.pos,
-                tables: vec![],
-                committed_at: now,
-            },
+            source: p.source(now),
             emitted_at: now,
             body: EventBody::Resync {
                 reason: reason.to_owned(),
@@ -408,14 +401,7 @@ impl BinlogSource {
                 schema_version: SCHEMA_VERSION,
                 // Heartbeats derive from no change; the emission time makes the id unique.
                 id: event_id(p.server_id, &p.file, p.pos, now as usize),
-                source: EventSource {
-                    server_id: p.server_id,
-                    gtid: p.gtid.clone(),
-                    file: p.file.clone(),
-                    pos: p.pos,
-                    tables: vec![],
-                    committed_at: st.last_commit_ms,
-                },
+                source: p.source(st.last_commit_ms),
                 emitted_at: now,
                 body: EventBody::Heartbeat { source_time },
             }],

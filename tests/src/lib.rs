@@ -567,37 +567,11 @@ pub async fn read_events(topic: &str) -> Vec<rtinval_schemas::Event> {
 
 /// Every event on partition 0 of `topic` of `brokers`, from the beginning to the current end.
 pub async fn read_events_from(brokers: &str, topic: &str) -> Vec<rtinval_schemas::Event> {
-    use rdkafka::Message;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("observer"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("observer consumer");
-    let (low, high) = consumer
-        .fetch_watermarks(topic, 0, Duration::from_secs(30))
-        .expect("watermarks");
-    let mut out = Vec::new();
-    if high <= low {
-        return out;
-    }
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(low))
-        .expect("tpl");
-    consumer.assign(&tpl).expect("assign");
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .expect("message in time")
-            .expect("message");
-        if let Ok(e) = rtinval_schemas::Event::from_json(m.payload().unwrap_or_default()) {
-            out.push(e);
-        }
-        if m.offset() + 1 >= high {
-            return out;
-        }
-    }
+    read_raw_from(brokers, topic)
+        .await
+        .iter()
+        .filter_map(|p| rtinval_schemas::Event::from_json(p).ok())
+        .collect()
 }
 
 /// A MariaDB server of one test's own (for restarts and binlog purges that would disturb
@@ -805,10 +779,15 @@ impl PrivateBroker {
 
 /// Every payload on partition 0 of `topic` of the stack's broker, from the beginning to the end.
 pub async fn read_raw(topic: &str) -> Vec<Vec<u8>> {
+    read_raw_from(&Stack::get().brokers, topic).await
+}
+
+/// Every payload on partition 0 of `topic` of `brokers`, from the beginning to the current end.
+pub async fn read_raw_from(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &Stack::get().brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("raw"))
         .set("enable.auto.commit", "false")
         .create()
