@@ -102,6 +102,11 @@ impl Batcher {
         }
     }
 
+    /// True when the transaction already flushes `cache` (its keys no longer matter).
+    pub fn is_flushed(&self, cache: &str) -> bool {
+        matches!(self.caches.get(cache), Some(CacheState::Flush(_)))
+    }
+
     /// True when the transaction so far asks for nothing.
     pub fn is_empty(&self) -> bool {
         self.pools.is_empty() && self.caches.is_empty()

@@ -280,12 +280,26 @@ impl TableRules {
 
     /// The intents of one row change, appended to `out`.
     pub fn intents(&self, change: &RowChange, out: &mut Vec<Intent>) {
+        self.intents_skipping(change, out, |_| false);
+    }
+
+    /// Like [`TableRules::intents`], without rendering keys of caches for which `flushed` says
+    /// the transaction already flushes the whole cache (the keys would be dropped anyway).
+    pub fn intents_skipping(
+        &self,
+        change: &RowChange,
+        out: &mut Vec<Intent>,
+        flushed: impl Fn(&str) -> bool,
+    ) {
         for rule in &self.rules {
             if !rule.ops.contains(&change.op) || !rule.fires_on(change) {
                 continue;
             }
             out.extend(rule.pools.iter().map(|p| Intent::ResetPool(p.clone())));
             let Some(cache) = &rule.cache else { continue };
+            if flushed(cache) {
+                continue;
+            }
             for template in &rule.keys {
                 for image in [&change.before, &change.after].into_iter().flatten() {
                     match template.render(image) {
@@ -565,6 +579,26 @@ mod tests {
             after: Some(row(6, 4)),
         };
         assert!(intents(&t, &insert).is_empty());
+    }
+
+    #[test]
+    fn keys_of_a_flushed_cache_are_not_rendered() {
+        let r = rule(
+            "table = \"Object\"\nreset_pools = [\"p\"]\ncache = \"rt\"\nkeys = [\"object:{id}\"]",
+        );
+        let t = TableRules::compile("rt.Object", &[&r], cols(&["id", "name", "label"]));
+        let del = RowChange {
+            op: Op::Delete,
+            before: Some(obj(7, Some("a"), "x")),
+            after: None,
+        };
+        let mut out = Vec::new();
+        t.intents_skipping(&del, &mut out, |c| c == "rt");
+        assert_eq!(
+            out,
+            vec![Intent::ResetPool("p".into())],
+            "the pool still resets"
+        );
     }
 
     #[test]

@@ -539,7 +539,8 @@ impl BinlogSource {
                         before: before.map(|r| rules.shape.values(r)),
                         after: after.map(|r| rules.shape.values(r)),
                     };
-                    rules.intents(&change, &mut st.intents);
+                    let batcher = &st.batcher;
+                    rules.intents_skipping(&change, &mut st.intents, |c| batcher.is_flushed(c));
                     for intent in st.intents.drain(..) {
                         st.batcher.add(intent);
                     }
