@@ -1,0 +1,229 @@
+//! End-to-end latency on the real local stack: single-row `Object` updates at a steady rate,
+//! each timed from the moment its COMMIT returned to the client until Redis reports the key's
+//! deletion (keyspace notification) — binlog → producer → Kafka → consumer → UNLINK.
+//!
+//! `--rates 200,2000` (tx/s), `--samples N` per rate (default 10,000). Prints p50, p99 and max
+//! per rate and writes `target/bench/latency.json`. Run with `scripts/bench`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed step aborts it
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mysql_async::prelude::Queryable;
+use redis::AsyncCommands;
+use rtinval_tests::{ConsumerProc, Proc, Stack, TestDb, server_id, unique, wait_sync};
+
+struct Args {
+    rates: Vec<u64>,
+    samples: u64,
+    producer_bin: PathBuf,
+    consumer_bin: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        rates: vec![200, 2000],
+        samples: 10_000,
+        producer_bin: "target/release/rtinval-producer".into(),
+        consumer_bin: "target/release/rtinval-consumer".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--rates" => {
+                a.rates = it
+                    .next()
+                    .expect("--rates R,R")
+                    .split(',')
+                    .map(|r| r.parse().expect("rate"))
+                    .collect()
+            }
+            "--samples" => a.samples = it.next().and_then(|v| v.parse().ok()).expect("--samples N"),
+            "--producer-bin" => a.producer_bin = it.next().map(PathBuf::from).expect("path"),
+            "--consumer-bin" => a.consumer_bin = it.next().map(PathBuf::from).expect("path"),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    let s = Stack::get();
+    let total = a.samples * a.rates.len() as u64;
+    let db = TestDb::create(
+        "latency",
+        "CREATE TABLE Object (id INT UNSIGNED PRIMARY KEY, name CHAR(64), label CHAR(64)) ENGINE=InnoDB",
+    )
+    .await;
+    db.exec(&format!(
+        "INSERT INTO Object SELECT seq, CONCAT('o', seq), 'l' FROM seq_1_to_{total}"
+    ))
+    .await;
+    let prefix = unique("latency");
+    let key_prefix = format!("{prefix}:");
+    let dir = tempfile::tempdir().unwrap();
+    let pcfg = format!(
+        "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
+         [http]\nlisten = \"\"\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
+        s.mysql_url,
+        db.name,
+        server_id(),
+        s.brokers
+    );
+    std::fs::write(dir.path().join("p.toml"), pcfg).unwrap();
+    let mut producer = Proc::spawn(
+        "producer",
+        Command::new(&a.producer_bin)
+            .arg("--config")
+            .arg(dir.path().join("p.toml")),
+        dir.path().join("p.log"),
+    );
+    wait_sync("producer streaming", Duration::from_secs(60), || {
+        producer
+            .log_text()
+            .contains("Streaming binlog.")
+            .then_some(())
+    });
+    assert!(producer.try_exit().is_none());
+    let ccfg = format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n\
+         [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{key_prefix}\"\n",
+        s.brokers, s.redis_url
+    );
+    let mut consumer = ConsumerProc::start_with(dir.path(), "consumer", &ccfg, &a.consumer_bin);
+    consumer.wait_consuming();
+
+    // Deletions of this run's keys, timestamped as Redis announces them.
+    let client = redis::Client::open(s.redis_url.as_str()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Kg")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let deleted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .psubscribe(format!("__keyspace@0__:{key_prefix}object:*"))
+        .await
+        .unwrap();
+    let d = deleted.clone();
+    tokio::spawn(async move {
+        let mut messages = pubsub.into_on_message();
+        while let Some(m) = messages.next().await {
+            let now = Instant::now();
+            let channel = m.get_channel_name().to_owned();
+            if let Some(key) = channel.split_once(':').map(|(_, k)| k.to_owned()) {
+                d.lock().unwrap().entry(key).or_insert(now);
+            }
+        }
+    });
+    let mut pipe = redis::pipe();
+    for id in 1..=total {
+        pipe.cmd("SET")
+            .arg(format!("{key_prefix}object:{id}"))
+            .arg("cached")
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut admin).await.unwrap();
+
+    let mut results = Vec::new();
+    let mut next_id = 1u64;
+    for &rate in &a.rates {
+        let mut conn = db.pool.get_conn().await.unwrap();
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let start = Instant::now();
+        let mut committed: Vec<(String, Instant)> = Vec::with_capacity(a.samples as usize);
+        for i in 0..a.samples {
+            let due = start + interval * i as u32;
+            tokio::time::sleep_until(due.into()).await;
+            let id = next_id;
+            next_id += 1;
+            conn.exec_drop("UPDATE Object SET label = 'x' WHERE id = ?", (id,))
+                .await
+                .unwrap();
+            committed.push((format!("{key_prefix}object:{id}"), Instant::now()));
+        }
+        let achieved = a.samples as f64 / start.elapsed().as_secs_f64();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let done = committed
+                .iter()
+                .filter(|(k, _)| deleted.lock().unwrap().contains_key(k))
+                .count();
+            if done == committed.len() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seen = deleted.lock().unwrap().clone();
+        let mut lat: Vec<f64> = committed
+            .iter()
+            .filter_map(|(k, t)| {
+                seen.get(k)
+                    .map(|d| d.saturating_duration_since(*t).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        let missing = committed.len() - lat.len();
+        results.push((
+            rate,
+            achieved,
+            lat.len(),
+            missing,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat.last().copied().unwrap_or(f64::NAN),
+        ));
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: usize = admin.del(&[format!("{key_prefix}object:0")]).await.unwrap();
+    drop(consumer);
+    drop(producer);
+
+    println!("\nend-to-end latency: COMMIT returned → key deleted in the node's Redis");
+    println!(
+        "{:>8} {:>10} {:>8} {:>8} {:>9} {:>9} {:>9}",
+        "tx/s", "achieved", "samples", "missing", "p50 ms", "p99 ms", "max ms"
+    );
+    let mut json = Vec::new();
+    for (rate, achieved, n, missing, p50, p99, max) in &results {
+        println!("{rate:>8} {achieved:>10.0} {n:>8} {missing:>8} {p50:>9.2} {p99:>9.2} {max:>9.2}");
+        json.push(serde_json::json!({"rate": rate, "achieved_tx_per_s": achieved, "samples": n, "missing": missing,
+            "p50_ms": p50, "p99_ms": p99, "max_ms": max}));
+    }
+    let out = rtinval_tests::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("latency.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    println!("wrote {}", out.join("latency.json").display());
+    assert!(
+        results.iter().all(|r| r.3 == 0),
+        "some invalidations never arrived"
+    );
+}
