@@ -357,9 +357,14 @@ pub struct Bus {
 impl Bus {
     /// Create `<prefix>.pool-reset` and `<prefix>.cache-keys` (one partition each).
     pub async fn new(prefix: &str) -> Bus {
+        Bus::new_on(&Stack::get().brokers, prefix).await
+    }
+
+    /// Like [`Bus::new`] on another broker (e.g. a [`PrivateBroker`]).
+    pub async fn new_on(brokers: &str, prefix: &str) -> Bus {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", &Stack::get().brokers);
+        c.set("bootstrap.servers", brokers);
         let admin: AdminClient<rdkafka::client::DefaultClientContext> =
             c.create().expect("admin client");
         let topics = [

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
-use rtinval_tests::{Bus, ConsumerProc, Stack, StandInPool, redis, unique, wait_sync};
+use rtinval_tests::{
+    Bus, ConsumerProc, PrivateBroker, Stack, StandInPool, redis, unique, wait_sync,
+};
 
 struct Args {
     keys: usize,
@@ -78,8 +80,11 @@ fn clk_tck() -> f64 {
 async fn main() {
     let args = args();
     let dir = tempfile::tempdir().unwrap();
+    // A broker of its own: the shared one carries every test's topics and load.
+    let broker = PrivateBroker::start(dir.path());
+    let brokers = broker.brokers();
     let prefix = unique("bench");
-    let bus = Bus::new(&prefix).await;
+    let bus = Bus::new_on(&brokers, &prefix).await;
     let pool = StandInPool::start(dir.path(), "pool");
     let s = Stack::get();
     let (rp, mp) = (format!("{prefix}:r:"), format!("{prefix}:m:"));
@@ -88,7 +93,7 @@ async fn main() {
          [pools.rtapi]\nreload = \"signal\"\npidfile = \"{}\"\ndebounce_ms = 200\nmax_delay_ms = 1000\n\
          [caches.r]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{rp}\"\n\
          [caches.m]\nkind = \"memcached\"\nurl = \"{}\"\nprefix = \"{mp}\"\n",
-        s.brokers,
+        brokers,
         pool.pidfile.display(),
         s.redis_url,
         s.memcached

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use redis::AsyncCommands;
-use rtinval_tests::{ConsumerProc, Proc, Stack, TestDb, server_id, unique, wait_sync};
+use rtinval_tests::{
+    ConsumerProc, PrivateBroker, Proc, Stack, TestDb, server_id, unique, wait_sync,
+};
 
 struct Args {
     rates: Vec<u64>,
@@ -76,13 +78,16 @@ async fn main() {
     let prefix = unique("latency");
     let key_prefix = format!("{prefix}:");
     let dir = tempfile::tempdir().unwrap();
+    // A broker of its own: the shared one carries every test's topics and load.
+    let broker = PrivateBroker::start(dir.path());
+    let brokers = broker.brokers();
     let pcfg = format!(
         "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
          [http]\nlisten = \"\"\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
         s.mysql_url,
         db.name,
         server_id(),
-        s.brokers
+        brokers
     );
     std::fs::write(dir.path().join("p.toml"), pcfg).unwrap();
     let mut producer = Proc::spawn(
@@ -102,7 +107,7 @@ async fn main() {
     let ccfg = format!(
         "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n\
          [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{key_prefix}\"\n",
-        s.brokers, s.redis_url
+        brokers, s.redis_url
     );
     let mut consumer = ConsumerProc::start_with(dir.path(), "consumer", &ccfg, &a.consumer_bin);
     consumer.wait_consuming();

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
-use rtinval_tests::{Proc, Stack, TestDb, free_port, http_get, server_id, unique, wait_sync};
+use rtinval_tests::{
+    PrivateBroker, Proc, Stack, TestDb, free_port, http_get, server_id, unique, wait_sync,
+};
 
 struct Args {
     changes: u64,
@@ -112,8 +114,11 @@ async fn main() {
 
     // 2. rtinval-producer from a checkpoint at the start of the range to the end, acknowledged.
     let prefix = unique("benchp");
-    seed_checkpoint(&prefix, &start_file, start_pos).await;
     let dir = tempfile::tempdir().unwrap();
+    // A broker of its own: the shared one carries every test's topics and load.
+    let broker = PrivateBroker::start(dir.path());
+    let brokers = broker.brokers();
+    seed_checkpoint(&brokers, &prefix, &start_file, start_pos).await;
     let http = format!("127.0.0.1:{}", free_port());
     let cfg = format!(
         "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
@@ -121,7 +126,7 @@ async fn main() {
         s.mysql_url,
         db.name,
         server_id(),
-        s.brokers
+        brokers
     );
     std::fs::write(dir.path().join("p.toml"), cfg).unwrap();
     let t = Instant::now();
@@ -207,10 +212,10 @@ async fn main() {
 }
 
 /// Write the checkpoint a producer group resumes from (the format of producer/src/checkpoint.rs).
-async fn seed_checkpoint(prefix: &str, file: &str, pos: u64) {
+async fn seed_checkpoint(brokers: &str, prefix: &str, file: &str, pos: u64) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let mut c = rdkafka::ClientConfig::new();
-    c.set("bootstrap.servers", &Stack::get().brokers);
+    c.set("bootstrap.servers", brokers);
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = c.create().unwrap();
     let topic = format!("{prefix}.checkpoints");
     admin
