@@ -186,6 +186,24 @@ enum Rendered {
     Underivable,
 }
 
+impl Rendered {
+    /// The intent for this rendering: purge the key, nothing for a NULL, or flush the cache
+    /// (with `underivable`) when the key cannot be derived.
+    fn push(self, cache: &Arc<str>, underivable: &'static str, out: &mut Vec<Intent>) {
+        match self {
+            Rendered::Key(key) => out.push(Intent::PurgeKey {
+                cache: cache.clone(),
+                key,
+            }),
+            Rendered::NoKey => {}
+            Rendered::Underivable => out.push(Intent::FlushCache {
+                cache: cache.clone(),
+                reason: underivable,
+            }),
+        }
+    }
+}
+
 impl CompiledTemplate {
     fn render(&self, row: &[Value]) -> Rendered {
         let mut key = String::new();
@@ -302,17 +320,7 @@ impl TableRules {
             }
             for template in &rule.keys {
                 for image in [&change.before, &change.after].into_iter().flatten() {
-                    match template.render(image) {
-                        Rendered::Key(key) => out.push(Intent::PurgeKey {
-                            cache: cache.clone(),
-                            key,
-                        }),
-                        Rendered::NoKey => {}
-                        Rendered::Underivable => out.push(Intent::FlushCache {
-                            cache: cache.clone(),
-                            reason: "key_underivable",
-                        }),
-                    }
+                    template.render(image).push(cache, "key_underivable", out);
                 }
             }
         }
@@ -326,17 +334,9 @@ impl TableRules {
             };
             // The children held the parent's old key values.
             for template in &c.keys {
-                match template.render(before) {
-                    Rendered::Key(key) => out.push(Intent::PurgeKey {
-                        cache: cache.clone(),
-                        key,
-                    }),
-                    Rendered::NoKey => {}
-                    Rendered::Underivable => out.push(Intent::FlushCache {
-                        cache: cache.clone(),
-                        reason: "cascade_underivable",
-                    }),
-                }
+                template
+                    .render(before)
+                    .push(cache, "cascade_underivable", out);
             }
         }
     }

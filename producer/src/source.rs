@@ -136,6 +136,14 @@ impl BinlogSource {
         })
     }
 
+    /// The server's current position, on a connection of its own.
+    async fn current_position(&self, server_id: u32) -> Result<Position, SourceError> {
+        let mut conn = self.connect().await?;
+        let position = current_position(&mut conn, server_id).await?;
+        let _ = conn.disconnect().await;
+        Ok(position)
+    }
+
     /// Connect once and run the start-up checks: server settings, rules against the schema, and
     /// a short binlog read that proves the account may replicate.
     pub async fn check(&self) -> Result<ServerInfo, SourceError> {
@@ -181,9 +189,7 @@ impl BinlogSource {
             Start::Checkpoint(p) if p.server_id != info.server_id => {
                 // The checkpoint names a position in another server's binlog (failover to a new
                 // primary, a restored server): its file:pos means nothing here.
-                let mut conn = self.connect().await?;
-                let current = current_position(&mut conn, info.server_id).await?;
-                let _ = conn.disconnect().await;
+                let current = self.current_position(info.server_id).await?;
                 warn!(
                     checkpoint = %p,
                     checkpoint_server_id = p.server_id,
@@ -200,9 +206,7 @@ impl BinlogSource {
                 p
             }
             Start::Current => {
-                let mut conn = self.connect().await?;
-                let p = current_position(&mut conn, info.server_id).await?;
-                let _ = conn.disconnect().await;
+                let p = self.current_position(info.server_id).await?;
                 warn!(position = %p, "No checkpoint found: starting at the current position and publishing a resync.");
                 self.send_resync(&p, "no_checkpoint", &output).await?;
                 p
@@ -226,9 +230,7 @@ impl BinlogSource {
                 Err(SourceError::PositionLost { error, .. }) => {
                     // The position is gone (binlogs purged, or another server): say so, publish
                     // a resync and continue from the server's current position.
-                    let mut conn = self.connect().await?;
-                    let current = current_position(&mut conn, info.server_id).await?;
-                    let _ = conn.disconnect().await;
+                    let current = self.current_position(info.server_id).await?;
                     warn!(lost = %position, resume = %current, server_error = %error, "Binlog position no longer on the server: publishing resync.");
                     self.send_resync(&current, "position_lost", &output).await?;
                     position = current;

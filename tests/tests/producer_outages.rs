@@ -94,6 +94,25 @@ async fn keys_on(brokers: &str, prefix: &str) -> HashSet<String> {
     keys
 }
 
+/// The reasons of the resyncs on the pool-reset topic, once there are `n` (or after 30 s).
+async fn wait_resyncs(brokers: &str, prefix: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reasons: Vec<String> = read_events_from(brokers, &format!("{prefix}.pool-reset"))
+            .await
+            .into_iter()
+            .filter_map(|e| match e.body {
+                EventBody::Resync { reason } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        if reasons.len() >= n || Instant::now() > deadline {
+            return reasons;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -248,21 +267,7 @@ async fn a_purged_position_publishes_a_resync_and_goes_on() {
         },
     );
     // The resync is published (and acknowledged) shortly after the log line.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let resyncs = loop {
-        let resyncs: Vec<String> = read_events_from(&brokers, &format!("{prefix}.pool-reset"))
-            .await
-            .into_iter()
-            .filter_map(|e| match e.body {
-                EventBody::Resync { reason } => Some(reason),
-                _ => None,
-            })
-            .collect();
-        if resyncs.len() >= 2 || Instant::now() > deadline {
-            break resyncs;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let resyncs = wait_resyncs(&brokers, &prefix, 2).await;
     assert_eq!(
         resyncs,
         vec!["no_checkpoint".to_string(), "position_lost".to_string()],
@@ -300,26 +305,13 @@ async fn a_checkpoint_from_another_server_publishes_a_resync() {
                 .then_some(())
         },
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let reasons: Vec<String> = read_events_from(&brokers, &format!("{prefix}.pool-reset"))
-            .await
-            .into_iter()
-            .filter_map(|e| match e.body {
-                EventBody::Resync { reason } => Some(reason),
-                _ => None,
-            })
-            .collect();
-        if reasons == ["no_checkpoint", "server_changed"] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "resyncs: {reasons:?}\n{}",
-            p.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let reasons = wait_resyncs(&brokers, &prefix, 2).await;
+    assert_eq!(
+        reasons,
+        ["no_checkpoint", "server_changed"],
+        "{}",
+        p.log_text()
+    );
     let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&new.admin_url()).unwrap())
         .await
         .unwrap();
