@@ -41,6 +41,7 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// Consumer group of this node; every node needs its own (default:
     /// `rtinval-consumer-<hostname>`), since every node must apply every event.
+    /// `RTINVAL_GROUP_ID` overrides it.
     #[serde(default)]
     pub group_id: Option<String>,
     /// Extra librdkafka settings (e.g. `"security.protocol" = "ssl"`).
@@ -230,6 +231,13 @@ impl Config {
             for cache in config.caches.values_mut() {
                 cache.url = with_redis_password(&cache.url, &password);
             }
+        }
+        // Where the host name is not the node's (a Kubernetes pod), the deployment names the
+        // group: RTINVAL_GROUP_ID=rtinval-consumer-$(NODE_NAME).
+        if let Ok(group) = std::env::var("RTINVAL_GROUP_ID")
+            && !group.is_empty()
+        {
+            config.kafka.group_id = Some(group);
         }
         config.validate()?;
         Ok(config)

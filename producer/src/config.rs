@@ -26,9 +26,32 @@ pub struct Config {
     /// `/metrics`, `/healthz`, `/readyz`.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Value maps for key templates: `{objtype_id|realm}` writes `maps.realm["1560"]` for a
+    /// row whose `objtype_id` is 1560, or `maps.realm["*"]` for a value not listed (without a
+    /// `*` entry, such a row's key is underivable and its cache is flushed).
+    #[serde(default)]
+    pub maps: crate::rules::Maps,
+    /// Files with more `[maps.*]` and `[[rules]]` (nothing else), read after this one; a
+    /// relative path is relative to this file's directory. Keeps a rule set (e.g.
+    /// deploy/racktables/rules.toml) apart from each installation's connection settings.
+    #[serde(default)]
+    pub rules_files: Vec<String>,
     /// Table change → invalidation rules. Tables without a rule are ignored.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Where each rule came from (file and 1-based position), for error messages.
+    #[serde(skip)]
+    rule_origins: Vec<(String, usize)>,
+}
+
+/// A file named in `rules_files`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    maps: crate::rules::Maps,
+    #[serde(default)]
+    rules: Vec<RuleConfig>,
 }
 
 /// Connection to the binlog source.
@@ -233,11 +256,42 @@ impl Config {
             path: path.display().to_string(),
             error: e.to_string(),
         })?;
+        config.rule_origins = (1..=config.rules.len())
+            .map(|i| (path.display().to_string(), i))
+            .collect();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for file in config.rules_files.clone() {
+            config.read_rules_file(&dir.join(&file))?;
+        }
         if let Ok(password) = std::env::var("RTINVAL_SOURCE_PASSWORD") {
             config.source.url = with_password(&config.source.url, &password)?;
         }
         config.validate()?;
         Ok(config)
+    }
+
+    fn read_rules_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: shown.clone(),
+            error: e,
+        })?;
+        let file: RulesFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            error: e.to_string(),
+        })?;
+        for (name, map) in file.maps {
+            if self.maps.insert(name.clone(), map).is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "{shown}: [maps.{name}] is defined twice"
+                )));
+            }
+        }
+        let n = file.rules.len();
+        self.rules.extend(file.rules);
+        self.rule_origins
+            .extend((1..=n).map(|i| (shown.clone(), i)));
+        Ok(())
     }
 
     /// Cross-field checks that need no server.
@@ -282,8 +336,14 @@ impl Config {
     }
 
     fn rule(&self, index: usize, r: &RuleConfig) -> Result<Rule, ConfigError> {
+        let (origin, index) = self
+            .rule_origins
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| ("the config".to_owned(), index + 1));
         let at = |msg: String| ConfigError::Rule {
             index,
+            origin: origin.clone(),
             table: r.table.clone(),
             msg,
         };
@@ -325,7 +385,10 @@ impl Config {
         let keys = r
             .keys
             .iter()
-            .map(|k| Template::parse(k).map_err(|e| at(format!("key template {k:?}: {e}"))))
+            .map(|k| {
+                Template::parse_with(k, &self.maps)
+                    .map_err(|e| at(format!("key template {k:?}: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Rule {
             database,

@@ -12,9 +12,12 @@ pub enum ConfigError {
     Parse { path: String, error: String },
     #[error("config: {0}")]
     Invalid(String),
-    #[error("config: rule #{index} (table {table:?}): {msg}")]
+    #[error("config: rule #{index} of {origin} (table {table:?}): {msg}")]
     Rule {
+        /// 1-based position in the file the rule is in.
         index: usize,
+        /// The config file, or the rules file the rule came from.
+        origin: String,
         table: String,
         msg: String,
     },

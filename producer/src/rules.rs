@@ -5,7 +5,7 @@
 //! change) is known before any row arrives: it turns the affected key into a `cache_flush` of
 //! that cache (reason `key_underivable`) instead of a silent skip.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use rtinval_schemas::Op;
@@ -13,7 +13,7 @@ use rtinval_schemas::Op;
 use crate::config::Rule;
 use crate::decode::{RowChange, TableShape, Value};
 
-/// A parsed key template such as `object:{id}`.
+/// A parsed key template such as `object:{id}` or `{objtype_id|realm}:{id}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
@@ -22,12 +22,151 @@ pub struct Template {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
-    Column(String),
+    Column(String, Option<Filter>),
+}
+
+/// Value maps for key templates, by name (`[maps.realm]` in the config).
+pub type Maps = BTreeMap<String, BTreeMap<String, String>>;
+
+/// How a placeholder's value is written into the key: `{column|filter}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// An IPv4 address held as an unsigned integer (or 4 bytes): dotted quad.
+    Ipv4,
+    /// An IPv6 address held as BINARY(16): RFC 5952 text, as `inet_ntop` prints it.
+    Ipv6,
+    /// Bytes (or text) as lowercase hex.
+    Hex,
+    /// A named value map: the value's text looked up; `*` is the default entry.
+    Map {
+        name: String,
+        entries: Arc<BTreeMap<String, String>>,
+    },
+}
+
+impl Filter {
+    fn resolve(name: &str, maps: &Maps) -> Result<Filter, String> {
+        match name {
+            "ipv4" => Ok(Filter::Ipv4),
+            "ipv6" => Ok(Filter::Ipv6),
+            "hex" => Ok(Filter::Hex),
+            _ => match maps.get(name) {
+                Some(entries) => Ok(Filter::Map {
+                    name: name.to_owned(),
+                    entries: Arc::new(entries.clone()),
+                }),
+                None => Err(format!(
+                    "unknown filter {name:?}: use ipv4, ipv6, hex, or define [maps.{name}]"
+                )),
+            },
+        }
+    }
+
+    /// Whether a column of SQL type `data_type` (information_schema `DATA_TYPE`) can be
+    /// rendered by this filter; `Err` says what would fit.
+    pub fn accepts(&self, data_type: &str) -> Result<(), String> {
+        let t = data_type.to_ascii_lowercase();
+        let ok = match self {
+            Filter::Ipv4 => {
+                matches!(t.as_str(), "int" | "bigint" | "binary" | "varbinary")
+            }
+            Filter::Ipv6 => matches!(t.as_str(), "binary" | "varbinary"),
+            Filter::Hex | Filter::Map { .. } => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "filter {} does not fit a column of type {data_type} ({})",
+                self.name(),
+                match self {
+                    Filter::Ipv4 => "ipv4 takes an INT UNSIGNED or BINARY(4) address",
+                    _ => "ipv6 takes a BINARY(16) address",
+                }
+            ))
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Filter::Ipv4 => "ipv4",
+            Filter::Ipv6 => "ipv6",
+            Filter::Hex => "hex",
+            Filter::Map { name, .. } => name,
+        }
+    }
+
+    /// Append the filtered value; false when the value does not fit (the key is underivable).
+    fn apply(&self, v: &Value, out: &mut String) -> bool {
+        use std::fmt::Write as _;
+        match (self, v) {
+            (Filter::Ipv4, Value::UInt(u)) => match u32::try_from(*u) {
+                Ok(a) => {
+                    let _ = write!(out, "{}", std::net::Ipv4Addr::from(a));
+                    true
+                }
+                Err(_) => false,
+            },
+            (Filter::Ipv4, Value::Int(i)) => match u32::try_from(*i) {
+                Ok(a) => {
+                    let _ = write!(out, "{}", std::net::Ipv4Addr::from(a));
+                    true
+                }
+                Err(_) => false,
+            },
+            (Filter::Ipv4, Value::Bytes(b)) => match <[u8; 4]>::try_from(b.as_slice()) {
+                Ok(a) => {
+                    let _ = write!(out, "{}", std::net::Ipv4Addr::from(a));
+                    true
+                }
+                Err(_) => false,
+            },
+            (Filter::Ipv6, Value::Bytes(b)) => match <[u8; 16]>::try_from(b.as_slice()) {
+                Ok(a) => {
+                    let _ = write!(out, "{}", std::net::Ipv6Addr::from(a));
+                    true
+                }
+                Err(_) => false,
+            },
+            (Filter::Hex, Value::Bytes(b)) => {
+                b.iter().for_each(|byte| {
+                    let _ = write!(out, "{byte:02x}");
+                });
+                true
+            }
+            (Filter::Hex, Value::Text(s)) => {
+                s.bytes().for_each(|byte| {
+                    let _ = write!(out, "{byte:02x}");
+                });
+                true
+            }
+            (Filter::Map { entries, .. }, v) => {
+                let mut text = String::new();
+                if !v.render(&mut text) {
+                    return false;
+                }
+                match entries.get(&text).or_else(|| entries.get("*")) {
+                    Some(mapped) => {
+                        out.push_str(mapped);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Template {
-    /// Parse `literal{column}literal...`; `{{` and `}}` are literal braces.
+    /// Parse `literal{column}literal...`; `{{` and `}}` are literal braces. A placeholder may
+    /// name a built-in filter: `{ip|ipv4}`, `{ip|ipv6}`, `{hash|hex}`.
     pub fn parse(s: &str) -> Result<Template, String> {
+        Template::parse_with(s, &Maps::new())
+    }
+
+    /// Like [`Template::parse`], also resolving `{column|map}` against the config's `maps`.
+    pub fn parse_with(s: &str, maps: &Maps) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut lit = String::new();
         let mut chars = s.chars().peekable();
@@ -43,11 +182,13 @@ impl Template {
                 }
                 '{' => {
                     let mut name = String::new();
+                    let mut filter: Option<String> = None;
                     loop {
                         match chars.next() {
                             Some('}') => break,
+                            Some('|') if filter.is_none() => filter = Some(String::new()),
                             Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == '$' => {
-                                name.push(c)
+                                filter.as_mut().unwrap_or(&mut name).push(c)
                             }
                             Some(c) => {
                                 return Err(format!("invalid character {c:?} in placeholder"));
@@ -58,10 +199,15 @@ impl Template {
                     if name.is_empty() {
                         return Err("empty placeholder {}".into());
                     }
+                    let filter = match filter.as_deref() {
+                        None => None,
+                        Some("") => return Err(format!("empty filter after {{{name}|")),
+                        Some(f) => Some(Filter::resolve(f, maps)?),
+                    };
                     if !lit.is_empty() {
                         parts.push(Part::Literal(std::mem::take(&mut lit)));
                     }
-                    parts.push(Part::Column(name));
+                    parts.push(Part::Column(name, filter));
                 }
                 '}' => return Err("unmatched '}' (write '}}' for a literal brace)".into()),
                 c => lit.push(c),
@@ -70,7 +216,7 @@ impl Template {
         if !lit.is_empty() {
             parts.push(Part::Literal(lit));
         }
-        if !parts.iter().any(|p| matches!(p, Part::Column(_))) {
+        if !parts.iter().any(|p| matches!(p, Part::Column(..))) {
             return Err("no placeholder: every row would purge the same key".into());
         }
         Ok(Template { parts })
@@ -83,9 +229,9 @@ impl Template {
                 .iter()
                 .map(|p| match p {
                     Part::Literal(l) => CompiledPart::Literal(l.clone()),
-                    Part::Column(c) => {
-                        column(c).map_or(CompiledPart::Missing, CompiledPart::Column)
-                    }
+                    Part::Column(c, filter) => column(c).map_or(CompiledPart::Missing, |i| {
+                        CompiledPart::Column(i, filter.clone())
+                    }),
                 })
                 .collect(),
         )
@@ -93,8 +239,13 @@ impl Template {
 
     /// Column names the template reads.
     pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.placeholders().map(|(c, _)| c)
+    }
+
+    /// Column names the template reads, each with its filter.
+    pub fn placeholders(&self) -> impl Iterator<Item = (&str, Option<&Filter>)> {
         self.parts.iter().filter_map(|p| match p {
-            Part::Column(c) => Some(c.as_str()),
+            Part::Column(c, f) => Some((c.as_str(), f.as_ref())),
             Part::Literal(_) => None,
         })
     }
@@ -170,7 +321,7 @@ struct CompiledRule {
 #[derive(Debug)]
 enum CompiledPart {
     Literal(String),
-    Column(usize),
+    Column(usize, Option<Filter>),
     Missing,
 }
 
@@ -211,12 +362,19 @@ impl CompiledTemplate {
             match part {
                 CompiledPart::Literal(l) => key.push_str(l),
                 CompiledPart::Missing => return Rendered::Underivable,
-                CompiledPart::Column(i) => match row.get(*i) {
+                CompiledPart::Column(i, filter) => match row.get(*i) {
                     None | Some(Value::Absent) => return Rendered::Underivable,
                     Some(Value::Null) => return Rendered::NoKey,
-                    Some(v) => {
-                        v.render(&mut key);
-                    }
+                    Some(v) => match filter {
+                        None => {
+                            v.render(&mut key);
+                        }
+                        Some(f) => {
+                            if !f.apply(v, &mut key) {
+                                return Rendered::Underivable;
+                            }
+                        }
+                    },
                 },
             }
         }
@@ -612,6 +770,102 @@ mod tests {
         assert!(Template::parse("x}").is_err());
     }
 
+    fn rule_with_maps(maps_toml: &str, toml_rule: &str) -> Rule {
+        let text = format!(
+            "[source]\nurl = \"mysql://u:p@h:1\"\ndatabase = \"rt\"\n[kafka]\nbrokers = \"b:1\"\n{maps_toml}\n[[rules]]\n{toml_rule}"
+        );
+        let c: crate::config::Config = toml::from_str(&text).unwrap();
+        c.rules().unwrap().remove(0)
+    }
+
+    fn flush(cache: &str) -> Intent {
+        Intent::FlushCache {
+            cache: cache.into(),
+            reason: "key_underivable",
+        }
+    }
+
+    #[test]
+    fn filters_render_addresses_and_mapped_realms() {
+        let r = rule_with_maps(
+            "[maps.realm]\n\"1560\" = \"rack\"\n\"1562\" = \"location\"\n\"*\" = \"object\"",
+            "table = \"T\"\ncache = \"rt\"\nkeys = [\"{tid|realm}:{id}\", \"ipv4:{v4|ipv4}\", \"ipv6:{v6|ipv6}\", \"h:{v6|hex}\"]",
+        );
+        let t = TableRules::compile("rt.T", &[&r], cols(&["id", "tid", "v4", "v6"]));
+        let mut v6 = [0u8; 16];
+        v6[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+        v6[15] = 1;
+        let row = |tid: u64| {
+            vec![
+                Value::UInt(7),
+                Value::UInt(tid),
+                Value::UInt(0x0a00_0001),
+                Value::Bytes(v6.to_vec()),
+            ]
+        };
+        let insert = |tid| RowChange {
+            op: Op::Insert,
+            before: None,
+            after: Some(row(tid)),
+        };
+        assert_eq!(
+            intents(&t, &insert(1560)),
+            vec![
+                key("rt", "rack:7"),
+                key("rt", "ipv4:10.0.0.1"),
+                key("rt", "ipv6:2001:db8::1"),
+                key("rt", "h:20010db8000000000000000000000001"),
+            ]
+        );
+        assert_eq!(
+            intents(&t, &insert(4))[0],
+            key("rt", "object:7"),
+            "the * entry"
+        );
+    }
+
+    #[test]
+    fn a_value_a_filter_cannot_render_flushes_the_cache() {
+        let r = rule_with_maps(
+            "[maps.realm]\n\"1560\" = \"rack\"",
+            "table = \"T\"\ncache = \"rt\"\nkeys = [\"{tid|realm}:{id}\", \"ipv6:{v6|ipv6}\", \"ipv4:{v4|ipv4}\"]",
+        );
+        let t = TableRules::compile("rt.T", &[&r], cols(&["id", "tid", "v6", "v4"]));
+        let change = RowChange {
+            op: Op::Delete,
+            before: Some(vec![
+                Value::UInt(7),
+                Value::UInt(4),
+                Value::Bytes(vec![1, 2, 3]),
+                Value::Int(-1),
+            ]),
+            after: None,
+        };
+        assert_eq!(
+            intents(&t, &change),
+            vec![flush("rt"), flush("rt"), flush("rt")]
+        );
+    }
+
+    #[test]
+    fn filter_syntax_and_column_types() {
+        assert!(Template::parse("a:{ip|ipv4}").is_ok());
+        let unknown = Template::parse("a:{id|realm}").unwrap_err();
+        assert!(unknown.contains("[maps.realm]"), "{unknown}");
+        assert!(Template::parse("a:{id|}").is_err());
+        assert!(Template::parse("a:{id|hex|hex}").is_err());
+        assert!(Template::parse("a:{|hex}").is_err());
+        assert!(Filter::Ipv6.accepts("binary").is_ok());
+        assert!(
+            Filter::Ipv6
+                .accepts("int")
+                .unwrap_err()
+                .contains("BINARY(16)")
+        );
+        assert!(Filter::Ipv4.accepts("int").is_ok());
+        assert!(Filter::Ipv4.accepts("char").is_err());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_failure_persistence(
             prop::test_runner::FileFailurePersistence::WithSource("regressions"),
@@ -623,8 +877,8 @@ mod tests {
             let t = Template::parse(&format!("{}{{id}}-{{name}}{}", esc(&pre), esc(&post))).unwrap();
             let c = CompiledTemplate(t.parts.iter().map(|p| match p {
                 Part::Literal(l) => CompiledPart::Literal(l.clone()),
-                Part::Column(c) if c == "id" => CompiledPart::Column(0),
-                Part::Column(_) => CompiledPart::Column(1),
+                Part::Column(c, _) if c == "id" => CompiledPart::Column(0, None),
+                Part::Column(..) => CompiledPart::Column(1, None),
             }).collect());
             let row = vec![Value::Int(id), Value::Bytes(name.clone().into_bytes())];
             match c.render(&row) {

@@ -816,31 +816,63 @@ pub fn parse_foreign_keys(db: &str, table: &str, ddl: &str) -> Vec<(String, Fore
 /// reads. The message names the rule's table and the missing piece.
 pub async fn validate_rules(conn: &mut Conn, rules: &[Rule]) -> Result<(), SourceError> {
     for rule in rules {
-        let columns: Vec<String> = conn
+        let mismatch = |msg: String| SourceError::RuleDoesNotMatchSchema {
+            table: rule.qualified_table(),
+            msg,
+        };
+        let kind: Option<String> = conn
+            .exec_first(
+                "SELECT TABLE_TYPE FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                (&rule.database, &rule.table),
+            )
+            .await?;
+        match kind.as_deref() {
+            None => {
+                return Err(mismatch(format!(
+                    "table does not exist, or the producer account cannot see it (GRANT SELECT ON `{}`.* TO the producer)",
+                    rule.database
+                )));
+            }
+            Some("VIEW") => {
+                // A view has no rows of its own: the binlog carries changes of its base tables.
+                return Err(mismatch(
+                    "is a VIEW, and views never appear in the binlog; write the rule on the view's base table"
+                        .into(),
+                ));
+            }
+            Some(_) => {}
+        }
+        let columns: Vec<(String, String)> = conn
             .exec(
-                "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+                "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS \
                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
                 (&rule.database, &rule.table),
             )
             .await?;
-        if columns.is_empty() {
-            return Err(SourceError::RuleDoesNotMatchSchema {
-                table: rule.qualified_table(),
-                msg: format!(
-                    "table does not exist, or the producer account cannot see it (GRANT SELECT ON `{}`.* TO the producer)",
-                    rule.database
-                ),
-            });
-        }
+        let type_of = |col: &str| {
+            columns
+                .iter()
+                .find(|(c, _)| c.eq_ignore_ascii_case(col))
+                .map(|(_, t)| t.as_str())
+        };
+        let missing = |col: &str| {
+            let names: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
+            mismatch(format!(
+                "column {col:?} does not exist; the table has: {}",
+                names.join(", ")
+            ))
+        };
         for col in rule.columns() {
-            if !columns.iter().any(|c| c.eq_ignore_ascii_case(col)) {
-                return Err(SourceError::RuleDoesNotMatchSchema {
-                    table: rule.qualified_table(),
-                    msg: format!(
-                        "column {col:?} does not exist; the table has: {}",
-                        columns.join(", ")
-                    ),
-                });
+            if type_of(col).is_none() {
+                return Err(missing(col));
+            }
+        }
+        for (col, filter) in rule.keys.iter().flat_map(|t| t.placeholders()) {
+            if let (Some(filter), Some(data_type)) = (filter, type_of(col)) {
+                filter
+                    .accepts(data_type)
+                    .map_err(|e| mismatch(format!("column {col:?}: {e}")))?;
             }
         }
     }
