@@ -60,9 +60,33 @@ fn every_consumer_example_loads() {
 }
 
 #[test]
+fn every_rules_file_in_deploy_is_read_by_a_producer_example() {
+    let files = examples("rules");
+    assert!(!files.is_empty(), "no rules file in deploy/");
+    let included: Vec<PathBuf> = examples("producer")
+        .iter()
+        .flat_map(|p| {
+            let c = rtinval_producer::config::Config::load(p).unwrap();
+            let dir = p.parent().unwrap().to_path_buf();
+            c.rules_files
+                .iter()
+                .map(|f| dir.join(f).canonicalize().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for f in files {
+        assert!(
+            included.contains(&f.canonicalize().unwrap()),
+            "{} is read by no producer example",
+            f.display()
+        );
+    }
+}
+
+#[test]
 fn every_toml_in_deploy_is_an_example_of_a_known_kind() {
     let all: Vec<PathBuf> = examples("");
-    let known = examples("producer").len() + examples("consumer").len();
+    let known = examples("producer").len() + examples("consumer").len() + examples("rules").len();
     assert_eq!(
         all.len(),
         known,
