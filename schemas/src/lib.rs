@@ -15,6 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod avro;
+
 /// Version of the envelope written by this build. Bumped only with a documented migration.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -195,6 +197,10 @@ pub enum DecodeError {
     /// The payload is not a valid JSON event.
     #[error("malformed event payload: {0}")]
     Malformed(serde_json::Error),
+    /// An Avro payload that cannot be decoded: malformed, an unknown schema id, the registry
+    /// unreachable, or no registry configured.
+    #[error("undecodable Avro event: {0}")]
+    Avro(String),
     /// The envelope version is not one this build can read.
     #[error(
         "unsupported schema_version {0} (this build reads {SCHEMA_VERSION}); upgrade the consumer"

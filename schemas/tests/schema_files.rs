@@ -1,12 +1,12 @@
 //! Proves that every event kind this crate can produce validates against the shipped JSON
-//! Schema (`schemas/event.schema.json`), round-trips through the JSON wire format, and that the
-//! schema really rejects malformed events. Run alone: `cargo test -p rtinval-schemas`.
+//! Schema (`schemas/event.schema.json`), round-trips through the JSON wire format and through
+//! the Avro datum of `schemas/event.avsc`, and that the schema really rejects malformed events. Run alone: `cargo test -p rtinval-schemas`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
 
 use proptest::prelude::*;
 use rtinval_schemas::{
-    AVRO_SCHEMA, DecodeError, Event, EventBody, EventKind, JSON_SCHEMA, Op, SCHEMA_VERSION, Source,
+    AVRO_SCHEMA, avro, DecodeError, Event, EventBody, EventKind, JSON_SCHEMA, Op, SCHEMA_VERSION, Source,
     TableChange, event_id,
 };
 
@@ -97,6 +97,10 @@ proptest! {
             panic!("{json} does not validate: {e}");
         }
         let back = Event::from_json(&bytes).unwrap();
+        prop_assert_eq!(&back, &ev);
+        // The Avro form: valid for event.avsc (to_datum validates) and back to the same event.
+        let datum = avro::to_datum(&ev).unwrap();
+        let back = avro::from_datum(&datum, avro::schema()).unwrap();
         prop_assert_eq!(back, ev);
     }
 }
