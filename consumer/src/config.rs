@@ -28,6 +28,10 @@ pub struct Config {
     /// Node-local caches, by the name rules use in `cache`.
     #[serde(default)]
     pub caches: BTreeMap<String, CacheConfig>,
+    /// Confluent-compatible Schema Registry, to read Avro events (the producer's
+    /// `kafka.format = "avro"`). JSON events need none; each message's first byte tells.
+    #[serde(default)]
+    pub schema_registry: Option<rtinval_schemas::avro::RegistryConfig>,
 }
 
 /// Kafka connection, topics and consumer group.
@@ -239,6 +243,7 @@ impl Config {
         {
             config.kafka.group_id = Some(group);
         }
+        config.schema_registry = config.schema_registry.take().map(|r| r.with_env());
         config.validate()?;
         Ok(config)
     }
@@ -253,6 +258,9 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.kafka.brokers.trim().is_empty() {
             return invalid("kafka.brokers is empty".into());
+        }
+        if let Some(registry) = &self.schema_registry {
+            registry.validate().map_err(ConfigError::Invalid)?;
         }
         for (name, p) in &self.pools {
             match p.reload {
@@ -342,6 +350,7 @@ impl Config {
         for cache in c.caches.values_mut() {
             cache.url = redact_url(&cache.url);
         }
+        c.schema_registry = c.schema_registry.as_ref().map(|r| r.redacted());
         for (k, v) in c.kafka.options.iter_mut() {
             if k.contains("password") || k.contains("secret") || k.contains("token") {
                 *v = "***".to_owned();

@@ -112,7 +112,14 @@ pub async fn run(
         Some(topic) => Some(subscribe::dead_letter(&config, topic, &actions_shutdown).await?),
         None => None,
     };
-    let result = Subscriber::new(config, consumer, applier, metrics, dead_letter)
+    let avro = match &config.schema_registry {
+        Some(registry) => Some(
+            rtinval_schemas::avro::AvroReader::new(registry)
+                .map_err(|e| ConsumerError::Config(ConfigError::Invalid(e)))?,
+        ),
+        None => None,
+    };
+    let result = Subscriber::new(config, consumer, applier, metrics, dead_letter, avro)
         .run(shutdown)
         .await;
     actions_shutdown.cancel();

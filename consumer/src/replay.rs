@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use rtinval_schemas::{Event, EventBody, EventKind};
+use rtinval_schemas::avro::{AvroReader, decode_any};
+use rtinval_schemas::{DecodeError, Event, EventBody, EventKind};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -133,6 +134,7 @@ pub fn read(
         c.set(k, v);
     }
     let consumer: BaseConsumer = c.create().map_err(|e| e.to_string())?;
+    let decoder = Decoder::new(config)?;
     let prefix = &config.kafka.topic_prefix;
     let topics: Vec<String> = if sel.topics.is_empty() {
         vec![
@@ -228,7 +230,7 @@ pub fn read(
             done.insert((topic, partition));
             continue;
         }
-        let (event, error) = match Event::from_json(m.payload().unwrap_or_default()) {
+        let (event, error) = match decoder.decode(m.payload().unwrap_or_default()) {
             Ok(e) => (Some(e), None),
             Err(e) => (None, Some(e.to_string())),
         };
@@ -242,6 +244,35 @@ pub fn read(
         };
         if !each(record) {
             return Ok(());
+        }
+    }
+}
+
+/// Decodes both wire formats; Avro through the configured registry, on a runtime of its own
+/// (replay reads synchronously).
+struct Decoder {
+    avro: Option<(AvroReader, tokio::runtime::Runtime)>,
+}
+
+impl Decoder {
+    fn new(config: &Config) -> Result<Decoder, String> {
+        let avro = match &config.schema_registry {
+            Some(registry) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Some((AvroReader::new(registry)?, runtime))
+            }
+            None => None,
+        };
+        Ok(Decoder { avro })
+    }
+
+    fn decode(&self, payload: &[u8]) -> Result<Event, DecodeError> {
+        match &self.avro {
+            Some((reader, runtime)) => runtime.block_on(decode_any(payload, Some(reader))),
+            None => futures::executor::block_on(decode_any(payload, None)),
         }
     }
 }

@@ -18,7 +18,8 @@ use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use rtinval_schemas::{Event, EventKind};
+use rtinval_schemas::EventKind;
+use rtinval_schemas::avro::{AvroReader, decode_any};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -82,6 +83,8 @@ pub struct Subscriber {
     inventory: plan::Inventory,
     metrics: Metrics,
     dead_letter: Option<DeadLetter>,
+    /// Reads Avro events (writer schemas by id from the registry); `None`: JSON only.
+    avro: Option<AvroReader>,
 }
 
 /// Copies undecodable messages to the dead-letter topic, with where they came from.
@@ -152,6 +155,7 @@ impl Subscriber {
         applier: Applier,
         metrics: Metrics,
         dead_letter: Option<DeadLetter>,
+        avro: Option<AvroReader>,
     ) -> Subscriber {
         let inventory = applier.inventory();
         Subscriber {
@@ -161,6 +165,7 @@ impl Subscriber {
             inventory,
             metrics,
             dead_letter,
+            avro,
         }
     }
 
@@ -364,7 +369,7 @@ impl Subscriber {
                     applied_since = 0;
                 }
                 msg = messages.next(), if pending.len() < MAX_PENDING => match msg {
-                    Some(Ok(m)) => pending.push_back(self.handle(&m)),
+                    Some(Ok(m)) => pending.push_back(self.handle(&m).await),
                     Some(Err(rdkafka::error::KafkaError::MessageConsumption(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset))) => {
                         warn!(group = %self.config.group_id(), "Committed offset out of range (retention passed?): resyncing this node.");
                         drop(messages);
@@ -403,10 +408,12 @@ impl Subscriber {
         Ok(())
     }
 
-    fn handle(&self, m: &BorrowedMessage<'_>) -> futures::future::BoxFuture<'static, Done> {
+    /// Decode one message (JSON, or Avro through the registry) and start applying it.
+    async fn handle(&self, m: &BorrowedMessage<'_>) -> futures::future::BoxFuture<'static, Done> {
         let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
         let received = Instant::now();
-        let (fut, kind, committed_at) = match Event::from_json(m.payload().unwrap_or_default()) {
+        let decoded = decode_any(m.payload().unwrap_or_default(), self.avro.as_ref()).await;
+        let (fut, kind, committed_at) = match decoded {
             Ok(event) => {
                 debug!(%topic, partition, offset, id = %event.id, kind = %event.kind(), "Event.");
                 if let rtinval_schemas::EventBody::Resync { reason } = &event.body {

@@ -26,6 +26,9 @@ pub struct Config {
     /// `/metrics`, `/healthz`, `/readyz`.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Confluent-compatible Schema Registry; needed when `kafka.format = "avro"`.
+    #[serde(default)]
+    pub schema_registry: Option<rtinval_schemas::avro::RegistryConfig>,
     /// Value maps for key templates: `{objtype_id|realm}` writes `maps.realm["1560"]` for a
     /// row whose `objtype_id` is 1560, or `maps.realm["*"]` for a value not listed (without a
     /// `*` entry, such a row's key is underivable and its cache is flushed).
@@ -97,6 +100,19 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings (e.g. `"security.protocol" = "ssl"`).
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
+    /// Wire format of events: `json` (default) or `avro` (Confluent Schema Registry framing;
+    /// needs `[schema_registry]`). The checkpoint topic is always JSON.
+    #[serde(default)]
+    pub format: WireFormat,
+}
+
+/// The wire format of events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    #[default]
+    Json,
+    Avro,
 }
 
 /// Pipeline tuning.
@@ -266,6 +282,7 @@ impl Config {
         if let Ok(password) = std::env::var("RTINVAL_SOURCE_PASSWORD") {
             config.source.url = with_password(&config.source.url, &password)?;
         }
+        config.schema_registry = config.schema_registry.take().map(|r| r.with_env());
         config.validate()?;
         Ok(config)
     }
@@ -321,6 +338,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "producer.keys_per_event must be positive".into(),
             ));
+        }
+        match (&self.kafka.format, &self.schema_registry) {
+            (WireFormat::Avro, None) => {
+                return Err(ConfigError::Invalid(
+                    "kafka.format = \"avro\" needs a [schema_registry] section with its url".into(),
+                ));
+            }
+            (_, Some(registry)) => registry.validate().map_err(ConfigError::Invalid)?,
+            (WireFormat::Json, None) => {}
         }
         self.rules()?;
         Ok(())
@@ -410,6 +436,7 @@ impl Config {
         let mut c = self.clone();
         c.source.url = redact_url(&c.source.url);
         redact_options(&mut c.kafka.options);
+        c.schema_registry = c.schema_registry.as_ref().map(|r| r.redacted());
         serde_json::to_string(&c).unwrap_or_default()
     }
 
@@ -559,5 +586,30 @@ brokers = "127.0.0.1:9092"
             !shown.contains("hunter2") && !shown.contains(":p@"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn avro_needs_a_registry_and_its_password_is_redacted() {
+        let base = BASE.replace(
+            "brokers = \"127.0.0.1:9092\"\n",
+            "brokers = \"127.0.0.1:9092\"\nformat = \"avro\"\n",
+        );
+        let err = parse(&base).unwrap_err().to_string();
+        assert!(err.contains("[schema_registry]"), "{err}");
+        let c = parse(&format!(
+            "{base}\n[schema_registry]\nurl = \"https://sr:8081\"\nusername = \"u\"\npassword = \"hunter2\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.kafka.format, WireFormat::Avro);
+        let shown = c.redacted_json();
+        assert!(
+            !shown.contains("hunter2") && shown.contains("sr:8081"),
+            "{shown}"
+        );
+        let err = parse(&format!("{base}\n[schema_registry]\nurl = \"sr:8081\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http://"), "{err}");
+        assert_eq!(parse(BASE).unwrap().kafka.format, WireFormat::Json);
     }
 }

@@ -107,4 +107,8 @@ pub enum KafkaError {
     ReadCheckpoint { topic: String, error: String },
     #[error("the checkpoint in {topic} is not valid JSON: {error}")]
     BadCheckpoint { topic: String, error: String },
+    #[error(
+        "schema registry: {0}; check [schema_registry] (url, username/password, ca_file) and that the registry is up"
+    )]
+    Registry(String),
 }

@@ -161,6 +161,8 @@ async fn run_once(
     let sd = shutdown.clone();
     stages.spawn(async move { ("leader", lock.hold(sd).await.map_err(Into::into)) });
     publish::ensure_topics(&config.kafka, &topics).await?;
+    let wire = publish::Wire::new(&config)?;
+    wire.register(&topics).await?;
     let producer = publish::producer(&config.kafka)?;
     let mut partitions = BTreeMap::new();
     for t in [&topics.pool_reset, &topics.cache_keys] {
@@ -180,6 +182,7 @@ async fn run_once(
     let (inflight_tx, inflight_rx) = mpsc::channel(1024);
     let publisher = Publisher {
         producer: producer.clone(),
+        wire,
         topics: topics.clone(),
         partitions,
         metrics: metrics.clone(),

@@ -17,13 +17,14 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rtinval_schemas::avro::AvroWriter;
 use rtinval_schemas::{Event, EventBody, HEADER_KIND, HEADER_SCHEMA_VERSION};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::Position;
-use crate::config::KafkaConfig;
+use crate::config::{Config, KafkaConfig, WireFormat};
 use crate::error::KafkaError;
 use crate::metrics::Metrics;
 
@@ -150,9 +151,53 @@ pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, Ka
     Ok(t.partitions().len().max(1) as i32)
 }
 
+/// How events become message payloads.
+#[derive(Debug)]
+pub enum Wire {
+    Json,
+    Avro(Box<AvroWriter>),
+}
+
+impl Wire {
+    pub fn new(config: &Config) -> Result<Wire, KafkaError> {
+        match (config.kafka.format, &config.schema_registry) {
+            (WireFormat::Avro, Some(registry)) => Ok(Wire::Avro(Box::new(
+                AvroWriter::new(registry).map_err(KafkaError::Registry)?,
+            ))),
+            (WireFormat::Avro, None) => Err(KafkaError::Registry(
+                "kafka.format = \"avro\" without [schema_registry]".into(),
+            )),
+            (WireFormat::Json, _) => Ok(Wire::Json),
+        }
+    }
+
+    /// Avro: register the event schema under both event topics' value subjects now, so a
+    /// wrong registry address or credentials stop the producer before it reads anything.
+    pub async fn register(&self, topics: &Topics) -> Result<(), KafkaError> {
+        if let Wire::Avro(writer) = self {
+            for topic in [&topics.pool_reset, &topics.cache_keys] {
+                let id = writer.register(topic).await.map_err(KafkaError::Registry)?;
+                info!(subject = %format!("{topic}-value"), schema_id = id, "Event schema registered.");
+            }
+        }
+        Ok(())
+    }
+
+    async fn encode(&self, topic: &str, event: &Event) -> Result<Vec<u8>, KafkaError> {
+        match self {
+            Wire::Json => Ok(event.to_json()),
+            Wire::Avro(writer) => writer
+                .encode(topic, event)
+                .await
+                .map_err(KafkaError::Registry),
+        }
+    }
+}
+
 /// The publish stage.
 pub struct Publisher {
     pub producer: FutureProducer,
+    pub wire: Wire,
     pub topics: Topics,
     /// Partition counts of the two event topics, for heartbeats.
     pub partitions: BTreeMap<String, i32>,
@@ -173,8 +218,9 @@ impl Publisher {
             let mut deliveries = Vec::with_capacity(batch.events.len());
             let mut kinds = Vec::with_capacity(batch.events.len());
             for event in &batch.events {
-                let payload = event.to_json();
                 for (topic, partition, key) in self.routes(event) {
+                    // Per topic: with Avro, each topic's subject has its own schema id.
+                    let payload = self.wire.encode(topic, event).await?;
                     deliveries.push(self.send(topic, partition, &key, &payload, event).await?);
                     kinds.push(event.kind());
                 }

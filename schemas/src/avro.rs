@@ -91,11 +91,7 @@ impl RegistryConfig {
     }
 
     fn settings(&self) -> Result<SrSettings, String> {
-        let mut urls = self
-            .url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty());
+        let mut urls = self.url.split(',').map(str::trim).filter(|u| !u.is_empty());
         let first = urls
             .next()
             .ok_or("schema_registry.url is empty; set the registry's base URL")?;
@@ -116,8 +112,8 @@ impl RegistryConfig {
         builder.set_timeout(Duration::from_secs(self.timeout_secs.max(1)));
         let mut client = reqwest::Client::builder();
         if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("schema_registry.ca_file {path}: {e}"))?;
+            let pem =
+                std::fs::read(path).map_err(|e| format!("schema_registry.ca_file {path}: {e}"))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("schema_registry.ca_file {path} is not PEM: {e}"))?;
             for cert in certs {
@@ -291,7 +287,9 @@ pub fn to_value(e: &Event) -> Value {
                 ("reason", Value::String(reason.clone())),
             ]),
         ),
-        EventBody::Resync { reason } => (3, record(vec![("reason", Value::String(reason.clone()))])),
+        EventBody::Resync { reason } => {
+            (3, record(vec![("reason", Value::String(reason.clone()))]))
+        }
         EventBody::Heartbeat { source_time } => {
             (4, record(vec![("source_time", long(*source_time))]))
         }
@@ -489,4 +487,98 @@ pub fn from_datum(datum: &[u8], writer: &Schema) -> Result<Event, DecodeError> {
     let v = apache_avro::from_avro_datum(writer, &mut reader, None)
         .map_err(|e| DecodeError::Avro(e.to_string()))?;
     from_value(v, writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str) -> RegistryConfig {
+        RegistryConfig {
+            url: url.into(),
+            username: Some("u".into()),
+            password: Some("secret".into()),
+            ca_file: None,
+            timeout_secs: 10,
+        }
+    }
+
+    #[test]
+    fn registry_settings_are_checked_before_any_request() {
+        assert!(config("http://a:8081, https://b:8081/").validate().is_ok());
+        let e = config("registry:8081").validate().unwrap_err();
+        assert!(e.contains("http://"), "{e}");
+        assert!(config(" , ").validate().unwrap_err().contains("empty"));
+        let mut c = config("https://a:8081");
+        c.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let garbage = std::env::temp_dir().join(format!("rtinval-ca-{}.pem", std::process::id()));
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        c.ca_file = Some(garbage.display().to_string());
+        let e = c.validate().unwrap_err();
+        std::fs::remove_file(&garbage).ok();
+        assert!(e.contains("PEM"), "{e}");
+    }
+
+    #[test]
+    fn the_password_is_redacted() {
+        let r = config("http://a:8081").redacted();
+        assert_eq!(r.password.as_deref(), Some("***"));
+        assert_eq!(r.username.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn payloads_are_told_apart_by_their_first_byte() {
+        assert!(is_avro(&[0, 0, 0, 0, 1, 2]));
+        assert!(!is_avro(b"{\"schema_version\":1}"));
+        assert!(!is_avro(b""));
+    }
+
+    #[test]
+    fn an_unknown_body_kind_from_a_newer_writer_is_reported_by_name() {
+        // A writer schema with one more body kind at the end of the union.
+        let mut json: serde_json::Value = serde_json::from_str(AVRO_SCHEMA).unwrap();
+        let body = json["fields"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|f| f["name"] == "body")
+            .unwrap();
+        body["type"].as_array_mut().unwrap().push(serde_json::json!(
+            {"type": "record", "name": "Rebalance", "fields": [{"name": "pools", "type": {"type": "array", "items": "string"}}]}
+        ));
+        let writer = Schema::parse_str(&json.to_string()).unwrap();
+        let event = Event {
+            schema_version: SCHEMA_VERSION,
+            id: "1:f:4:0".into(),
+            source: Source::default(),
+            emitted_at: 1,
+            body: EventBody::Resync { reason: "x".into() },
+        };
+        let Value::Record(mut fields) = to_value(&event) else {
+            panic!("a record")
+        };
+        let body = fields.iter_mut().find(|(n, _)| n == "body").unwrap();
+        body.1 = Value::Union(
+            5,
+            Box::new(Value::Record(vec![(
+                "pools".into(),
+                Value::Array(vec![Value::String("p".into())]),
+            )])),
+        );
+        let datum = apache_avro::to_avro_datum(&writer, Value::Record(fields)).unwrap();
+        let err = from_datum(&datum, &writer).unwrap_err().to_string();
+        assert!(
+            err.contains("Rebalance") && err.contains("upgrade"),
+            "{err}"
+        );
+        // The current kinds still decode with that writer schema.
+        let ok = apache_avro::to_avro_datum(&writer, to_value(&event)).unwrap();
+        assert_eq!(from_datum(&ok, &writer).unwrap(), event);
+    }
 }

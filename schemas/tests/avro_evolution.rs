@@ -44,7 +44,10 @@ fn earlier_versions() -> Vec<(String, String)> {
                     .current_dir(root())
                     .output()
                     .unwrap();
-                assert!(show.status.success(), "git show {commit}:schemas/event.avsc");
+                assert!(
+                    show.status.success(),
+                    "git show {commit}:schemas/event.avsc"
+                );
                 found.push((
                     format!("commit {commit}"),
                     String::from_utf8(show.stdout).unwrap(),
@@ -92,12 +95,15 @@ fn the_check_allows_what_the_rules_allow_and_refuses_the_rest() {
     let current = Schema::parse_str(AVRO_SCHEMA).unwrap();
     // Allowed: a new field with a default.
     let added = edited(|j| {
-        fields(j).push(serde_json::json!({"name": "trace_id", "type": ["null", "string"], "default": null}))
+        fields(j).push(
+            serde_json::json!({"name": "trace_id", "type": ["null", "string"], "default": null}),
+        )
     });
     compatible(&current, &added).unwrap();
 
     // Refused: a new field without a default (new readers cannot read old data).
-    let no_default = edited(|j| fields(j).push(serde_json::json!({"name": "trace_id", "type": "string"})));
+    let no_default =
+        edited(|j| fields(j).push(serde_json::json!({"name": "trace_id", "type": "string"})));
     assert!(compatible(&current, &no_default).is_err());
     // Refused: a removed field (old readers cannot read new data).
     let removed = edited(|j| fields(j).retain(|f| f["name"] != "emitted_at"));

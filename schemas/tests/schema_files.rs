@@ -6,8 +6,8 @@
 
 use proptest::prelude::*;
 use rtinval_schemas::{
-    AVRO_SCHEMA, avro, DecodeError, Event, EventBody, EventKind, JSON_SCHEMA, Op, SCHEMA_VERSION, Source,
-    TableChange, event_id,
+    AVRO_SCHEMA, DecodeError, Event, EventBody, EventKind, JSON_SCHEMA, Op, SCHEMA_VERSION, Source,
+    TableChange, avro, event_id,
 };
 
 fn validator() -> jsonschema::Validator {

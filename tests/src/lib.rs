@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 
+pub mod registry;
+
 /// Connection settings of the local stack.
 #[derive(Debug, Clone)]
 pub struct Stack {
