@@ -74,12 +74,20 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
 
 /// The idempotent, acks=all producer.
 pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
-    client_config(kafka)
-        .set("enable.idempotence", "true")
+    let mut c = client_config(kafka);
+    // Tunable defaults: kafka.options wins.
+    for (k, v) in [
+        ("linger.ms", "5"),
+        ("message.timeout.ms", "300000"),
+        ("queue.buffering.max.messages", "200000"),
+    ] {
+        if !kafka.options.contains_key(k) {
+            c.set(k, v);
+        }
+    }
+    // The delivery guarantees are not tunable.
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "300000")
-        .set("queue.buffering.max.messages", "200000")
         .create()
         .map_err(|error| KafkaError::Client {
             brokers: kafka.brokers.clone(),

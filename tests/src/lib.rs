@@ -766,6 +766,12 @@ impl PrivateBroker {
                 .ok()
                 .map(|_| ())
         });
+        // The index tansu's schema lacks, as scripts/stack adds it to the shared broker.
+        let status = Command::new(workspace_root().join("scripts/tansu-index.py"))
+            .arg(self.dir.join("tansu.db"))
+            .status()
+            .expect("scripts/tansu-index.py runs (python3)");
+        assert!(status.success(), "scripts/tansu-index.py failed");
     }
 
     /// SIGKILL (a crash), then nothing listens until [`PrivateBroker::resume`].
