@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::batch::{Batcher, Commit};
 use crate::checkpoint::Position;
 use crate::config::{Config, Rule};
-use crate::decode::{self, RowChange};
+use crate::decode::{self, RowChange, Value};
 use crate::error::{SourceError, is_privilege_error};
 use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
 use crate::publish::Batch;
@@ -534,21 +534,35 @@ impl BinlogSource {
                     op: op.as_str(),
                 });
                 st.batcher.touch(&rules.table, op);
-                for row in rows.rows(tme) {
-                    let (before, after) = row.map_err(|e| pos_err(e, &rules.table))?;
-                    let change = RowChange {
-                        op,
-                        before: before.map(|r| rules.shape.values(r)),
-                        after: after.map(|r| rules.shape.values(r)),
-                    };
+                let mut apply = |before: Option<Vec<Value>>, after: Option<Vec<Value>>| {
+                    let change = RowChange { op, before, after };
                     let batcher = &st.batcher;
                     rules.intents_skipping(&change, &mut st.intents, |c| batcher.is_flushed(c));
                     for intent in st.intents.drain(..) {
                         st.batcher.add(intent);
                     }
-                    counter.inc();
                     st.rows_seen += 1;
+                };
+                let mut n = 0u64;
+                // The shape's own decoder (column facts read once per table map); mysql_common's
+                // row iterator where it does not apply (MySQL partial JSON updates).
+                if let Some(decoded) = rules.shape.rows(&rows) {
+                    for row in decoded {
+                        let (before, after) = row.map_err(|e| pos_err(e, &rules.table))?;
+                        apply(before, after);
+                        n += 1;
+                    }
+                } else {
+                    for row in rows.rows(tme) {
+                        let (before, after) = row.map_err(|e| pos_err(e, &rules.table))?;
+                        apply(
+                            before.map(|r| rules.shape.values(r)),
+                            after.map(|r| rules.shape.values(r)),
+                        );
+                        n += 1;
+                    }
                 }
+                counter.inc_by(n);
             }
             EventData::XidEvent(_) => {
                 return Ok(self.commit(st, header.log_pos(), header.timestamp()));
