@@ -5,7 +5,7 @@
 //! Memory is bounded by `max_keys` keys per cache plus one entry per pool and table, however
 //! many rows the transaction changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use rtinval_schemas::{Event, EventBody, Op, SCHEMA_VERSION, Source, TableChange, event_id};
@@ -40,7 +40,8 @@ impl Commit {
 
 #[derive(Debug)]
 enum CacheState {
-    Keys(BTreeSet<String>),
+    /// Distinct keys (hashed while collecting; sorted once, at the commit).
+    Keys(HashSet<String>),
     Flush(&'static str),
 }
 
@@ -90,7 +91,7 @@ impl Batcher {
                 let state = self
                     .caches
                     .entry(cache)
-                    .or_insert_with(|| CacheState::Keys(BTreeSet::new()));
+                    .or_insert_with(|| CacheState::Keys(HashSet::new()));
                 if let CacheState::Keys(keys) = state {
                     keys.insert(key);
                     if keys.len() > self.max_keys {
@@ -148,11 +149,17 @@ impl Batcher {
                     reason: reason.to_owned(),
                 }),
                 CacheState::Keys(keys) => {
-                    let keys: Vec<String> = keys.into_iter().collect();
-                    for chunk in keys.chunks(self.keys_per_event) {
+                    let mut keys: Vec<String> = keys.into_iter().collect();
+                    keys.sort_unstable();
+                    let mut keys = keys.into_iter();
+                    loop {
+                        let chunk: Vec<String> = keys.by_ref().take(self.keys_per_event).collect();
+                        if chunk.is_empty() {
+                            break;
+                        }
                         bodies.push(EventBody::CacheKeys {
                             cache: cache.to_string(),
-                            keys: chunk.to_vec(),
+                            keys: chunk,
                         });
                     }
                 }
