@@ -201,10 +201,26 @@ impl BinlogSource {
                     .await?;
                 current
             }
-            Start::Checkpoint(p) => {
-                info!(position = %p, "Resuming from checkpoint.");
-                p
-            }
+            Start::Checkpoint(p) => match self.history_at(&p).await? {
+                Some(server_state) => {
+                    // Same server id, another history (a server rebuilt or restored with the
+                    // same id): the file:pos names a different place in a different binlog.
+                    let current = self.current_position(info.server_id).await?;
+                    warn!(
+                        checkpoint = %p,
+                        server_gtid_at_position = %server_state,
+                        resume = %current,
+                        "The server's binlog at the checkpoint holds another transaction than the checkpoint's: publishing resync and starting at the current position."
+                    );
+                    self.send_resync(&current, "history_changed", &output)
+                        .await?;
+                    current
+                }
+                None => {
+                    info!(position = %p, "Resuming from checkpoint.");
+                    p
+                }
+            },
             Start::Current => {
                 let p = self.current_position(info.server_id).await?;
                 warn!(position = %p, "No checkpoint found: starting at the current position and publishing a resync.");
@@ -238,6 +254,36 @@ impl BinlogSource {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// MariaDB: `Some(the server's GTID state at the checkpoint position)` when it does not hold
+    /// the checkpoint's GTID — the binlog at that file:pos is another history. `None` when it
+    /// matches, or when it cannot be told (no GTID in the checkpoint, a MySQL GTID, or the
+    /// position is gone: streaming reports that as a lost position).
+    async fn history_at(&self, p: &Position) -> Result<Option<String>, SourceError> {
+        let Some(gtid) = p.gtid.as_deref().filter(|g| is_mariadb_gtid(g)) else {
+            return Ok(None);
+        };
+        let mut conn = self.connect().await?;
+        let state: Option<Option<String>> = conn
+            .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (&p.file, p.pos))
+            .await?;
+        let _ = conn.disconnect().await;
+        let Some(state) = state.flatten() else {
+            return Ok(None);
+        };
+        let domain = gtid.split('-').next().unwrap_or_default();
+        let held = state
+            .split(',')
+            .map(str::trim)
+            .find(|g| g.split('-').next() == Some(domain));
+        Ok((held != Some(gtid)).then(|| {
+            if state.is_empty() {
+                "(none)".to_owned()
+            } else {
+                state
+            }
+        }))
     }
 
     async fn send_resync(
@@ -828,6 +874,15 @@ pub fn parse_foreign_keys(db: &str, table: &str, ddl: &str) -> Vec<(String, Fore
 
 /// Validate every rule against the live schema: the table exists and has every column the rule
 /// reads. The message names the rule's table and the missing piece.
+/// `domain-server-sequence`, as MariaDB writes GTIDs (MySQL's are `uuid:n`).
+fn is_mariadb_gtid(g: &str) -> bool {
+    let parts: Vec<&str> = g.split('-').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 pub async fn validate_rules(conn: &mut Conn, rules: &[Rule]) -> Result<(), SourceError> {
     for rule in rules {
         let mismatch = |msg: String| SourceError::RuleDoesNotMatchSchema {

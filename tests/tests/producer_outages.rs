@@ -326,6 +326,82 @@ async fn a_checkpoint_from_another_server_publishes_a_resync() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_server_with_the_same_id_publishes_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = PrivateMariaDb::start_with_id(dir.path(), "original", 23);
+    create_schema(&original);
+    let brokers = Stack::get().brokers.clone();
+    let prefix = unique("rebuilt");
+    let mut p = producer(
+        dir.path(),
+        "on-original",
+        &original.producer_url(),
+        &brokers,
+        &prefix,
+    );
+    writer(original.admin_url(), 5, Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.terminate(Duration::from_secs(15)).and_then(|s| s.code()),
+        Some(0)
+    );
+    drop(original);
+
+    // The server is rebuilt with the same server id and binlog names and replays the same
+    // statements, so the checkpoint's file:pos is an event boundary there too — but in another
+    // GTID domain: another history, which resuming there would silently take for the old one.
+    let rebuilt = PrivateMariaDb::start_with_id(dir.path(), "rebuilt", 23);
+    rebuilt.sql("SET GLOBAL gtid_domain_id = 1");
+    create_schema(&rebuilt);
+    writer(rebuilt.admin_url(), 5, Duration::from_millis(20))
+        .await
+        .unwrap();
+    writer(rebuilt.admin_url(), 20, Duration::from_millis(1))
+        .await
+        .unwrap();
+    let p = producer(
+        dir.path(),
+        "on-rebuilt",
+        &rebuilt.producer_url(),
+        &brokers,
+        &prefix,
+    );
+    wait_sync(
+        "the history-changed log line",
+        Duration::from_secs(30),
+        || {
+            p.log_text()
+                .contains("holds another transaction than the checkpoint")
+                .then_some(())
+        },
+    );
+    let reasons = wait_resyncs(&brokers, &prefix, 2).await;
+    assert_eq!(
+        reasons,
+        ["no_checkpoint", "history_changed"],
+        "{}",
+        p.log_text()
+    );
+    // It goes on from the rebuilt server's current position.
+    let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&rebuilt.admin_url()).unwrap())
+        .await
+        .unwrap();
+    c.exec_drop("UPDATE rt.Object SET label = 'after' WHERE id = 1", ())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !keys_on(&brokers, &prefix).await.contains("object:1:after") {
+        assert!(
+            Instant::now() < deadline,
+            "no event from the rebuilt server"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_source_is_detected_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let db = PrivateMariaDb::start(dir.path());
