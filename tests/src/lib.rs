@@ -239,6 +239,25 @@ impl Drop for Proc {
     }
 }
 
+/// Write `config` to `<dir>/<name>.toml`, start `rtinval-producer` with it (log in
+/// `<dir>/<name>.log`) and wait until it streams the binlog.
+pub fn start_producer(dir: &Path, name: &str, config: &str) -> Proc {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("write the producer config");
+    let mut p = Proc::spawn(
+        name,
+        Command::new(bin("rtinval-producer"))
+            .arg("--config")
+            .arg(&path),
+        dir.join(format!("{name}.log")),
+    );
+    wait_sync("producer streaming", Duration::from_secs(60), || {
+        assert!(p.try_exit().is_none(), "producer exited:\n{}", p.log_text());
+        p.log_text().contains("Streaming binlog.").then_some(())
+    });
+    p
+}
+
 /// The stand-in worker pool (`tests/fixtures/stand-in-pool.sh`): counts USR2 reloads.
 pub struct StandInPool {
     pub proc: Proc,

@@ -89,18 +89,20 @@ fn row(i: u32) -> String {
     )
 }
 
+async fn master_status(conn: &mut mysql_async::Conn) -> (String, u64) {
+    let r: mysql_async::Row = conn
+        .query_first("SHOW MASTER STATUS")
+        .await
+        .unwrap()
+        .unwrap();
+    (r.get(0).unwrap(), r.get(1).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_decoders_agree_on_every_column_type() {
     let db = TestDb::create("decoder", TABLE).await;
     let mut conn = db.pool.get_conn().await.unwrap();
-    let (file, pos): (String, u64) = {
-        let r: mysql_async::Row = conn
-            .query_first("SHOW MASTER STATUS")
-            .await
-            .unwrap()
-            .unwrap();
-        (r.get(0).unwrap(), r.get(1).unwrap())
-    };
+    let (file, pos) = master_status(&mut conn).await;
     let rows: Vec<String> = (1..=300).map(row).collect();
     conn.query_drop(format!("INSERT INTO T VALUES {}", rows.join(",\n")))
         .await
@@ -115,14 +117,7 @@ async fn both_decoders_agree_on_every_column_type() {
         .await
         .unwrap();
     let expected_rows = 300 + 150 + 100;
-    let (end_file, end_pos): (String, u64) = {
-        let r: mysql_async::Row = conn
-            .query_first("SHOW MASTER STATUS")
-            .await
-            .unwrap()
-            .unwrap();
-        (r.get(0).unwrap(), r.get(1).unwrap())
-    };
+    let (end_file, end_pos) = master_status(&mut conn).await;
     drop(conn);
 
     let opts = mysql_async::Opts::from_url(&Stack::get().mysql_url).unwrap();

@@ -32,6 +32,16 @@ fn s(y: &Yaml) -> &str {
         .unwrap_or_else(|| panic!("expected a string, got {y:?}"))
 }
 
+/// A command line given as a YAML list.
+fn argv(command: &Yaml) -> Vec<String> {
+    command
+        .as_vec()
+        .unwrap_or_else(|| panic!("a command list, got {command:?}"))
+        .iter()
+        .map(|a| s(a).to_owned())
+        .collect()
+}
+
 /// The argv is one the binary accepts: it gets past argument parsing (clap exits 2 on a bad
 /// command line) and fails only on the config file, which does not exist here.
 fn assert_argv_accepted(argv: &[String]) {
@@ -215,13 +225,7 @@ fn kubernetes_manifests_parse_and_agree_with_the_configs() {
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
             for c in init.iter().chain([app]) {
-                let argv: Vec<String> = c["command"]
-                    .as_vec()
-                    .unwrap()
-                    .iter()
-                    .map(|a| s(a).to_owned())
-                    .collect();
-                assert_argv_accepted(&argv);
+                assert_argv_accepted(&argv(&c["command"]));
             }
             let (config_file, port) = if kind == "Deployment" {
                 assert_eq!(
@@ -325,13 +329,7 @@ fn compose_file_mounts_what_exists_and_configures_what_the_producer_checks() {
         rtinval_consumer::config::Config::load(&consumer_etc.path().join("consumer.toml")).unwrap();
     assert_eq!(c.kafka.brokers, "kafka:9092");
     for svc in ["producer", "consumer"] {
-        let argv: Vec<String> = compose["services"][svc]["command"]
-            .as_vec()
-            .unwrap()
-            .iter()
-            .map(|a| s(a).to_owned())
-            .collect();
-        assert_argv_accepted(&argv);
+        assert_argv_accepted(&argv(&compose["services"][svc]["command"]));
     }
 
     // Prometheus scrapes the ports the configs listen on, and its config passes promtool.

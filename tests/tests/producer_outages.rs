@@ -9,13 +9,13 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use rtinval_schemas::EventBody;
 use rtinval_tests::{
-    PrivateBroker, PrivateMariaDb, Proc, Stack, bin, read_events_from, server_id, unique, wait_sync,
+    PrivateBroker, PrivateMariaDb, Proc, Stack, read_events_from, server_id, start_producer,
+    unique, wait_sync,
 };
 
 const OBJECTS: u32 = 100;
@@ -28,20 +28,7 @@ fn producer(dir: &Path, name: &str, url: &str, brokers: &str, prefix: &str) -> P
          [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}:{{label}}\"]\n",
         server_id()
     );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, cfg).unwrap();
-    let mut p = Proc::spawn(
-        name,
-        Command::new(bin("rtinval-producer"))
-            .arg("--config")
-            .arg(&path),
-        dir.join(format!("{name}.log")),
-    );
-    wait_sync("producer streaming", Duration::from_secs(60), || {
-        assert!(p.try_exit().is_none(), "producer exited:\n{}", p.log_text());
-        p.log_text().contains("Streaming binlog.").then_some(())
-    });
-    p
+    start_producer(dir, name, &cfg)
 }
 
 fn create_schema(db: &PrivateMariaDb) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use rtinval_schemas::EventBody;
-use rtinval_tests::{Proc, Stack, TestDb, bin, read_events, server_id, unique, wait_sync};
+use rtinval_tests::{Proc, Stack, TestDb, bin, read_events, server_id, start_producer, unique};
 
 fn producer(dir: &Path, url: &str, db: &str, prefix: &str, rules: &str) -> Proc {
     let s = Stack::get();
@@ -25,20 +25,7 @@ fn producer(dir: &Path, url: &str, db: &str, prefix: &str, rules: &str) -> Proc 
         server_id(),
         s.brokers
     );
-    let path = dir.join("producer.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let mut p = Proc::spawn(
-        "producer",
-        Command::new(bin("rtinval-producer"))
-            .arg("--config")
-            .arg(&path),
-        dir.join("producer.log"),
-    );
-    wait_sync("producer streaming", Duration::from_secs(30), || {
-        assert!(p.try_exit().is_none(), "producer exited:\n{}", p.log_text());
-        p.log_text().contains("Streaming binlog.").then_some(())
-    });
-    p
+    start_producer(dir, "producer", &cfg)
 }
 
 /// Wait until the cache-keys topic holds an event matching `pred`; returns all bodies so far.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
 use rtinval_tests::{
-    Proc, Stack, TestDb, bin, read_events, server_id, unique, wait_sync, workspace_root,
+    Stack, TestDb, bin, read_events, server_id, start_producer, unique, workspace_root,
 };
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/racktables-0.22.sql");
@@ -202,23 +202,6 @@ fn every_racktables_table_is_ruled_or_documented_as_ignored() {
     }
 }
 
-fn producer(dir: &Path, config: &str) -> Proc {
-    let path = dir.join("producer.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut p = Proc::spawn(
-        "producer",
-        Command::new(bin("rtinval-producer"))
-            .arg("--config")
-            .arg(&path),
-        dir.join("producer.log"),
-    );
-    wait_sync("producer streaming", Duration::from_secs(30), || {
-        assert!(p.try_exit().is_none(), "producer exited:\n{}", p.log_text());
-        p.log_text().contains("Streaming binlog.").then_some(())
-    });
-    p
-}
-
 /// Keys, flush reasons and reset pools published so far under `prefix`.
 async fn published(prefix: &str) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
     let (mut keys, mut flushes, mut pools) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
@@ -267,7 +250,11 @@ async fn racktables_writes_yield_the_documented_keys() {
     )
     .await;
     let prefix = unique("rtwrites");
-    let _p = producer(dir.path(), &config_for(&db.name, &prefix, |_| {}));
+    let _p = start_producer(
+        dir.path(),
+        "producer",
+        &config_for(&db.name, &prefix, |_| {}),
+    );
 
     // A rack and a server, as RackTables creates them, with attributes.
     db.exec(
