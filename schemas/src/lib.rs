@@ -136,8 +136,10 @@ impl EventBody {
 }
 
 /// Where an event came from: the source server and the transaction.
+///
+/// Like [`Event`], decoding ignores unknown fields: a later version may add fields (with
+/// defaults) without breaking consumers that do not know them.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Source {
     /// `server_id` of the source server that wrote the binlog event.
     pub server_id: u32,
@@ -157,7 +159,6 @@ pub struct Source {
 
 /// A table touched by a transaction and the operations seen on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TableChange {
     /// `database.table`.
     pub table: String,

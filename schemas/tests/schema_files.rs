@@ -200,6 +200,20 @@ fn decoding_reports_version_and_garbage_distinctly() {
 }
 
 #[test]
+fn fields_a_later_version_adds_are_ignored_by_this_reader() {
+    let event = sample(EventBody::CacheKeys {
+        cache: "rt".into(),
+        keys: vec!["object:1".into()],
+    });
+    let mut json: serde_json::Value = serde_json::from_slice(&event.to_json()).unwrap();
+    json["trace_id"] = "abc".into();
+    json["source"]["server_uuid"] = "3e11fa47-71ca-11e1-9e33-c80aa9429562".into();
+    json["source"]["tables"][0]["rows"] = 3.into();
+    let back = Event::from_json(json.to_string().as_bytes()).unwrap();
+    assert_eq!(back, event);
+}
+
+#[test]
 fn avro_schema_has_a_branch_per_kind() {
     let avsc: serde_json::Value = serde_json::from_str(AVRO_SCHEMA).expect("event.avsc is JSON");
     let body = avsc["fields"]
