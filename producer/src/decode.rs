@@ -48,15 +48,18 @@ impl Value {
             Value::Bytes(b) => match std::str::from_utf8(b) {
                 Ok(s) => out.push_str(s),
                 Err(_) => {
-                    for byte in b {
-                        let _ = write!(out, "{byte:02x}");
-                    }
+                    push_hex(b, out);
                 }
             },
             Value::Text(s) => out.push_str(s),
         }
         true
     }
+}
+
+/// Append `bytes` as lowercase hex; true (writing to a `String` cannot fail).
+pub fn push_hex(bytes: &[u8], out: &mut String) -> bool {
+    bytes.iter().all(|b| write!(out, "{b:02x}").is_ok())
 }
 
 /// A decoded row change of a watched table.
@@ -237,10 +240,11 @@ impl TableShape {
                 None => Value::Absent,
                 Some(v) => value(v),
             };
-            let binary = row
-                .columns_ref()
-                .get(i)
-                .is_some_and(|c| c.character_set() == BINARY_CHARSET);
+            let binary = matches!(v, Value::Bytes(_))
+                && row
+                    .columns_ref()
+                    .get(i)
+                    .is_some_and(|c| c.character_set() == BINARY_CHARSET);
             out.push(self.finish(i, v, binary));
         }
         while out.len() < columns {

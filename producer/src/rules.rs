@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rtinval_schemas::Op;
 
 use crate::config::Rule;
-use crate::decode::{RowChange, TableShape, Value};
+use crate::decode::{RowChange, TableShape, Value, push_hex};
 
 /// A parsed key template such as `object:{id}` or `{objtype_id|realm}:{id}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,47 +99,23 @@ impl Filter {
     /// Append the filtered value; false when the value does not fit (the key is underivable).
     fn apply(&self, v: &Value, out: &mut String) -> bool {
         use std::fmt::Write as _;
+        use std::net::{Ipv4Addr, Ipv6Addr};
         match (self, v) {
-            (Filter::Ipv4, Value::UInt(u)) => match u32::try_from(*u) {
-                Ok(a) => {
-                    let _ = write!(out, "{}", std::net::Ipv4Addr::from(a));
-                    true
-                }
-                Err(_) => false,
-            },
-            (Filter::Ipv4, Value::Int(i)) => match u32::try_from(*i) {
-                Ok(a) => {
-                    let _ = write!(out, "{}", std::net::Ipv4Addr::from(a));
-                    true
-                }
-                Err(_) => false,
-            },
-            (Filter::Ipv4, Value::Bytes(b)) => match <[u8; 4]>::try_from(b.as_slice()) {
-                Ok(a) => {
-                    let _ = write!(out, "{}", std::net::Ipv4Addr::from(a));
-                    true
-                }
-                Err(_) => false,
-            },
-            (Filter::Ipv6, Value::Bytes(b)) => match <[u8; 16]>::try_from(b.as_slice()) {
-                Ok(a) => {
-                    let _ = write!(out, "{}", std::net::Ipv6Addr::from(a));
-                    true
-                }
-                Err(_) => false,
-            },
-            (Filter::Hex, Value::Bytes(b)) => {
-                b.iter().for_each(|byte| {
-                    let _ = write!(out, "{byte:02x}");
-                });
-                true
+            (Filter::Ipv4, v) => {
+                let addr = match v {
+                    Value::UInt(u) => u32::try_from(*u).ok().map(Ipv4Addr::from),
+                    Value::Int(i) => u32::try_from(*i).ok().map(Ipv4Addr::from),
+                    Value::Bytes(b) => <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from),
+                    _ => None,
+                };
+                addr.is_some_and(|a| write!(out, "{a}").is_ok())
             }
-            (Filter::Hex, Value::Text(s)) => {
-                s.bytes().for_each(|byte| {
-                    let _ = write!(out, "{byte:02x}");
-                });
-                true
-            }
+            (Filter::Ipv6, Value::Bytes(b)) => <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(Ipv6Addr::from)
+                .is_some_and(|a| write!(out, "{a}").is_ok()),
+            (Filter::Hex, Value::Bytes(b)) => push_hex(b, out),
+            (Filter::Hex, Value::Text(t)) => push_hex(t.as_bytes(), out),
             (Filter::Map { entries, .. }, v) => {
                 let mut text = String::new();
                 if !v.render(&mut text) {
