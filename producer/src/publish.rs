@@ -226,10 +226,19 @@ impl Publisher {
             let mut deliveries = Vec::with_capacity(batch.events.len());
             let mut kinds = Vec::with_capacity(batch.events.len());
             for event in &batch.events {
+                // Encoded once per topic (a heartbeat goes to every partition of both): with
+                // Avro, each topic's subject has its own schema id.
+                let mut encoded: Option<(&str, Vec<u8>)> = None;
                 for (topic, partition, key) in self.routes(event) {
-                    // Per topic: with Avro, each topic's subject has its own schema id.
-                    let payload = self.wire.encode(topic, event).await?;
-                    deliveries.push(self.send(topic, partition, &key, &payload, event).await?);
+                    let payload = match &mut encoded {
+                        Some((t, p)) if *t == topic => p,
+                        slot => {
+                            &mut slot
+                                .insert((topic, self.wire.encode(topic, event).await?))
+                                .1
+                        }
+                    };
+                    deliveries.push(self.send(topic, partition, &key, payload, event).await?);
                     kinds.push(event.kind());
                 }
             }
