@@ -239,6 +239,23 @@ impl Drop for Proc {
     }
 }
 
+/// Write `config` to `<dir>/producer.toml` and run `rtinval-producer --check` with it: the exit
+/// code and everything it printed (stderr, then stdout).
+pub fn producer_check(dir: &Path, config: &str) -> (Option<i32>, String) {
+    let path = dir.join("producer.toml");
+    std::fs::write(&path, config).expect("write the producer config");
+    let out = Command::new(bin("rtinval-producer"))
+        .arg("--check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("rtinval-producer runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
 /// Write `config` to `<dir>/<name>.toml`, start `rtinval-producer` with it (log in
 /// `<dir>/<name>.log`) and wait until it streams the binlog.
 pub fn start_producer(dir: &Path, name: &str, config: &str) -> Proc {

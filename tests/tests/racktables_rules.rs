@@ -11,13 +11,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
 use rtinval_tests::{
-    Stack, TestDb, bin, read_events, server_id, start_producer, unique, workspace_root,
+    Stack, TestDb, producer_check, read_events, server_id, start_producer, unique, workspace_root,
 };
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/racktables-0.22.sql");
@@ -77,17 +76,6 @@ fn config_for(db: &str, prefix: &str, edit: impl FnOnce(&mut toml::Table)) -> St
     toml::to_string(&c).unwrap()
 }
 
-fn check(dir: &Path, config: &str) -> std::process::Output {
-    let path = dir.join("producer.toml");
-    std::fs::write(&path, config).unwrap();
-    Command::new(bin("rtinval-producer"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rule_matches_the_racktables_schema_and_views_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,15 +95,14 @@ async fn every_rule_matches_the_racktables_schema_and_views_are_refused() {
         );
     }
 
-    let out = check(
+    let (code, out) = producer_check(
         dir.path(),
         &config_for(&db.name, &unique("rtschema"), |_| {}),
     );
-    assert!(
-        out.status.success(),
-        "--check refused the RackTables rule set:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        code,
+        Some(0),
+        "--check refused the RackTables rule set:\n{out}"
     );
 
     // The check is not vacuous: a column RackTables does not have, a filter that does not fit
@@ -143,10 +130,8 @@ async fn every_rule_matches_the_racktables_schema_and_views_are_refused() {
             "is a VIEW",
         ),
     ] {
-        let out = check(dir.path(), &with_rule(rule));
-        let text = String::from_utf8_lossy(&out.stderr).to_string()
-            + &String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "accepted {rule}");
+        let (code, text) = producer_check(dir.path(), &with_rule(rule));
+        assert_ne!(code, Some(0), "accepted {rule}");
         assert!(text.contains(expected), "{rule}: {text}");
     }
 }

@@ -14,21 +14,12 @@ const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
 fn producer_check(db: &str, rule: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let s = Stack::get();
-    let path = dir.path().join("producer.toml");
-    std::fs::write(
-        &path,
-        format!("[source]\nurl = \"{}\"\ndatabase = \"{db}\"\n[kafka]\nbrokers = \"{}\"\n[[rules]]\n{rule}\n", s.mysql_url, s.brokers),
-    )
-    .unwrap();
-    let out = Command::new(bin("rtinval-producer"))
-        .arg("--check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    rtinval_tests::producer_check(
+        dir.path(),
+        &format!(
+            "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\n[kafka]\nbrokers = \"{}\"\n[[rules]]\n{rule}\n",
+            s.mysql_url, s.brokers
+        ),
     )
 }
 
