@@ -481,10 +481,14 @@ impl Subscriber {
                 }
             }
         }
-        if let Err(e) = self
-            .consumer
-            .store_offset(&done.topic, done.partition, done.offset + 1)
-        {
+        // rd_kafka_offsets_store takes the offset to resume from (the next message). Not
+        // `store_offset`: the deprecated rd_kafka_offset_store behind it adds 1 itself, so
+        // passing `offset + 1` there committed one message too far and a restart skipped it.
+        let mut next = TopicPartitionList::with_capacity(1);
+        let stored = next
+            .add_partition_offset(&done.topic, done.partition, Offset::Offset(done.offset + 1))
+            .and_then(|()| self.consumer.store_offsets(&next));
+        if let Err(e) = stored {
             warn!(topic = %done.topic, partition = done.partition, offset = done.offset, error = %e, "Cannot store offset.");
         }
     }

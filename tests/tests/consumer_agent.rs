@@ -175,7 +175,7 @@ async fn an_offset_is_committed_only_after_the_reload_succeeded() {
             .and_then(|s| s.code()),
         Some(0)
     );
-    assert!(!c.proc.log_text().contains("no_committed_offset"));
+    assert_no_resync(&c);
 
     // With a working reloader again, the restarted node re-reads the uncommitted event.
     let mut c = ConsumerProc::start(dir.path(), "fixed", &pool(&works));
@@ -194,7 +194,7 @@ async fn an_offset_is_committed_only_after_the_reload_succeeded() {
         1.0,
         Duration::from_secs(10),
     );
-    assert!(!c.proc.log_text().contains("no_committed_offset"));
+    assert_no_resync(&c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,6 +698,36 @@ async fn freshness_readiness_sighup_and_sigterm() {
             .then_some(())
     });
     assert!(c.proc.try_exit().is_none());
+    // A broken file: SIGHUP names the problem, and the node keeps running on what it loaded.
+    let path = dir.path().join("consumer.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{good}\n[pools.broken]\nreload = \"signal\"\n"),
+    )
+    .unwrap();
+    std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(c.proc.pid().to_string())
+        .status()
+        .unwrap();
+    let line = wait_sync(
+        "SIGHUP on a broken file logged",
+        Duration::from_secs(10),
+        || {
+            c.proc
+                .log_text()
+                .lines()
+                .find(|l| l.contains("SIGHUP: config is NOT valid"))
+                .map(str::to_owned)
+        },
+    );
+    assert!(
+        line.contains("broken") && line.contains("pidfile"),
+        "{line}"
+    );
+    assert!(c.proc.try_exit().is_none());
+    std::fs::write(&path, good).unwrap();
 
     // SIGTERM: exits 0 promptly, offsets committed: a restart does not resync again.
     bus.publish(EventBody::PoolReset {
@@ -719,11 +749,7 @@ async fn freshness_readiness_sighup_and_sigterm() {
     assert!(c.proc.log_text().contains("Offsets committed."));
     let mut again = ConsumerProc::start(dir.path(), "consumer-again", &config);
     again.wait_consuming();
-    assert!(
-        !again.proc.log_text().contains("no_committed_offset"),
-        "{}",
-        again.proc.log_text()
-    );
+    assert_no_resync(&again);
 }
 
 #[test]
@@ -762,5 +788,156 @@ fn unreachable_cache_or_broker_at_start_is_a_clear_error() {
     assert!(
         log.contains("rtinval-consumer: Kafka (127.0.0.1:1)"),
         "{log}"
+    );
+}
+
+/// SIGTERM while a reload runs: the reload finishes, its offset is committed, the process
+/// exits 0, and the restarted node neither reloads again nor resyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_reload_in_flight_and_commits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("sigterm");
+    let bus = Bus::new(&prefix).await;
+    let started = dir.path().join("started");
+    let done = dir.path().join("done.log");
+    // Each reload: mark the start, take 2 s, then record completion.
+    let script = format!(
+        "touch {s}; sleep 2; echo done >> {d}",
+        s = started.display(),
+        d = done.display()
+    );
+    let config = format!(
+        "{}[pools.slow]\nreload = \"command\"\ncommand = [\"bash\", \"-c\", {script:?}]\ntimeout_secs = 10\ndebounce_ms = 10\nmax_delay_ms = 100\n",
+        kafka_section(&prefix)
+    );
+    let lines = || std::fs::read_to_string(&done).map_or(0, |s| s.lines().count());
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+    wait_sync(
+        "the start-up resync's reload",
+        Duration::from_secs(20),
+        || (lines() == 1).then_some(()),
+    );
+    std::fs::remove_file(&started).unwrap();
+
+    bus.publish(EventBody::PoolReset {
+        pools: vec!["slow".into()],
+    })
+    .await;
+    wait_sync("the reload started", Duration::from_secs(20), || {
+        started.exists().then_some(())
+    });
+    let t = Instant::now();
+    let status = c
+        .proc
+        .terminate(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", c.proc.log_text());
+    assert_eq!(lines(), 2, "the reload in flight finished before the exit");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stopped within the bound: {:?}",
+        t.elapsed()
+    );
+    assert!(c.proc.log_text().contains("Offsets committed."));
+
+    // The restarted node starts after the applied event: nothing to reload, nothing to resync.
+    let mut again = ConsumerProc::start(dir.path(), "again", &config);
+    again.wait_consuming();
+    bus.publish(EventBody::Heartbeat { source_time: 1 }).await;
+    again.wait_metric(
+        "rtinval_consumer_events_applied_total{kind=\"heartbeat\"}",
+        1.0,
+        Duration::from_secs(20),
+    );
+    assert_eq!(lines(), 2, "the committed reset is not applied again");
+    assert_eq!(
+        again.metric("rtinval_consumer_events_applied_total{kind=\"pool_reset\"}"),
+        0.0
+    );
+    assert_no_resync(&again);
+}
+
+/// A restarted node resumes right after the last message it applied: what was published while
+/// it was down is applied, none of it skipped, and no resync hides a skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_resumes_right_after_the_last_applied_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("resume");
+    let bus = Bus::new(&prefix).await;
+    let cache_prefix = format!("{prefix}:");
+    let config = format!(
+        "{}{}",
+        kafka_section(&prefix),
+        redis_cache("rt", &cache_prefix, "")
+    );
+    let mut r = redis().await;
+    let key = |k: &str| format!("{cache_prefix}{k}");
+    let keys = |names: &[&str]| EventBody::CacheKeys {
+        cache: "rt".into(),
+        keys: names.iter().map(|k| (*k).to_owned()).collect(),
+    };
+
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+    let _: () = r.set(key("a"), "v").await.unwrap();
+    bus.publish(keys(&["a"])).await;
+    wait_for("a purged", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let k = key("a");
+        async move { (!r.exists::<_, bool>(k).await.unwrap()).then_some(()) }
+    })
+    .await;
+    c.wait_metric(
+        "rtinval_consumer_events_applied_total{kind=\"cache_keys\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        c.proc
+            .terminate(Duration::from_secs(15))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+
+    // While the node is down: three more messages, one key each, and a key no event names.
+    for k in ["b", "c", "d", "untouched"] {
+        let _: () = r.set(key(k), "v").await.unwrap();
+    }
+    for k in ["b", "c", "d"] {
+        bus.publish(keys(&[k])).await;
+    }
+
+    let mut again = ConsumerProc::start(dir.path(), "again", &config);
+    again.wait_consuming();
+    again.wait_metric(
+        "rtinval_consumer_events_applied_total{kind=\"cache_keys\"}",
+        3.0,
+        Duration::from_secs(20),
+    );
+    for k in ["b", "c", "d"] {
+        assert!(
+            !r.exists::<_, bool>(key(k)).await.unwrap(),
+            "{k} was published while the node was down and must be purged"
+        );
+    }
+    assert!(
+        r.exists::<_, bool>(key("untouched")).await.unwrap(),
+        "no flush: the node resumed, it did not resync"
+    );
+    assert_no_resync(&again);
+    assert_eq!(
+        again.metric("rtinval_consumer_events_applied_total{kind=\"cache_keys\"}"),
+        3.0,
+        "a is not applied again, b, c and d once each"
+    );
+}
+
+/// The node started from its committed offsets: no resync of any reason.
+fn assert_no_resync(c: &ConsumerProc) {
+    let log = c.proc.log_text();
+    assert!(
+        !log.contains("Resyncing this node"),
+        "the restarted node resynced instead of resuming:\n{log}"
     );
 }
