@@ -64,12 +64,16 @@ pub struct NodeConfig {
     /// `/readyz` fails when the newest heartbeat says the source view is older than this.
     #[serde(default = "default_max_staleness_secs")]
     pub max_staleness_secs: u64,
+    /// Seconds between progress lines in the log (events applied, offsets, staleness); 0: none.
+    #[serde(default = "default_progress_log_secs")]
+    pub progress_log_secs: u64,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             max_staleness_secs: default_max_staleness_secs(),
+            progress_log_secs: default_progress_log_secs(),
         }
     }
 }
@@ -200,6 +204,9 @@ fn default_topic_prefix() -> String {
 }
 fn default_max_staleness_secs() -> u64 {
     30
+}
+fn default_progress_log_secs() -> u64 {
+    60
 }
 fn default_listen() -> String {
     "127.0.0.1:9465".to_owned()

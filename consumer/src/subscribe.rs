@@ -11,6 +11,8 @@
 //! actions concurrently); each completed message's offset is stored and librdkafka commits
 //! stored offsets periodically; shutdown commits synchronously.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
@@ -348,10 +350,13 @@ impl Subscriber {
         self.metrics.set_assigned(true);
         info!(group = %self.config.group_id(), partitions = start.count(), "Consuming.");
 
-        let progress_every = Duration::from_secs(60);
+        let progress_secs = self.config.node.progress_log_secs;
+        let progress_every = Duration::from_secs(progress_secs.max(1));
         let mut progress =
             tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
         let mut applied_since = 0u64;
+        // Next offset to read per topic-partition, as applied: the position the progress line shows.
+        let mut applied_to: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> =
             FuturesOrdered::new();
         let mut messages = self.consumer.stream();
@@ -361,11 +366,19 @@ impl Subscriber {
                 _ = shutdown.cancelled() => break,
                 Some(done) = pending.next(), if !pending.is_empty() => {
                     applied_since += 1;
-                    self.complete(done);
+                    if let Some((topic, partition, next)) = self.complete(done) {
+                        applied_to.insert((topic, partition), next);
+                    }
                 }
-                _ = progress.tick() => {
+                _ = progress.tick(), if progress_secs > 0 => {
                     let staleness = self.metrics.refresh_staleness().map(|d| d.as_secs_f64());
-                    info!(applied = applied_since, in_flight = pending.len(), staleness_seconds = ?staleness, "Progress.");
+                    info!(
+                        applied = applied_since,
+                        in_flight = pending.len(),
+                        offsets = %positions(&applied_to),
+                        staleness_seconds = ?staleness,
+                        "Progress."
+                    );
                     applied_since = 0;
                 }
                 msg = messages.next(), if pending.len() < MAX_PENDING => match msg {
@@ -458,9 +471,15 @@ impl Subscriber {
         .boxed()
     }
 
-    fn complete(&self, done: Done) {
+    /// Counts an applied action and stores its offset; returns topic, partition and the next
+    /// offset, or `None` when the action was interrupted (its offset stays unstored).
+    ///
+    /// Interrupted results come only after the drain at shutdown (the actions' token is
+    /// cancelled then), and completions arrive in message order, so no later offset of a
+    /// partition is stored past an unapplied message.
+    fn complete(&self, done: Done) -> Option<(String, i32, i64)> {
         if done.result.is_err() {
-            return;
+            return None;
         }
         if let Some(kind) = done.kind {
             self.metrics
@@ -491,7 +510,23 @@ impl Subscriber {
         if let Err(e) = stored {
             warn!(topic = %done.topic, partition = done.partition, offset = done.offset, error = %e, "Cannot store offset.");
         }
+        Some((done.topic, done.partition, done.offset + 1))
     }
+}
+
+/// `topic:partition@next-offset` for every partition applied to, for the progress line.
+fn positions(applied_to: &BTreeMap<(String, i32), i64>) -> String {
+    if applied_to.is_empty() {
+        return "none yet".to_owned();
+    }
+    let mut out = String::new();
+    for ((topic, partition), next) in applied_to {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        let _ = write!(out, "{topic}:{partition}@{next}");
+    }
+    out
 }
 
 /// The dead-letter writer: an idempotent producer, and the topic created if missing.
