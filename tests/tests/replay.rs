@@ -180,3 +180,199 @@ async fn replay_ranges_filters_why_and_apply() {
             .unwrap()
     );
 }
+
+/// Replay of what the real producer published: `--table`, `--gtid` (the transaction MariaDB
+/// reports as `@@last_gtid`), `--key-prefix`, `--why` naming the transaction, and `--follow`
+/// printing a change made after it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_follows_and_filters_the_producers_events_by_table_and_transaction() {
+    use mysql_async::prelude::Queryable;
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Stack::get();
+    let db = rtinval_tests::TestDb::create(
+        "replayp",
+        "CREATE TABLE Object (id INT UNSIGNED NOT NULL PRIMARY KEY, name CHAR(255));\n\
+         CREATE TABLE TagTree (id INT UNSIGNED NOT NULL PRIMARY KEY, tag CHAR(255))",
+    )
+    .await;
+    let prefix = unique("replayp");
+    let producer = rtinval_tests::start_producer(
+        dir.path(),
+        "producer",
+        &format!(
+            "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n\
+             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
+             [producer]\nheartbeat_ms = 200\n[http]\nlisten = \"\"\n\
+             [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\", \"object_name:{{name}}\"]\n\
+             [[rules]]\ntable = \"TagTree\"\nreset_pools = [\"rtapi\"]\n",
+            s.mysql_url,
+            db.name,
+            rtinval_tests::server_id(),
+            s.brokers
+        ),
+    );
+    let config = dir.path().join("consumer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n[pools.rtapi]\nreload = \"command\"\ncommand = [\"true\"]\n",
+            s.brokers
+        ),
+    )
+    .unwrap();
+
+    // Two transactions; the second one's GTID is read back from the server.
+    let mut conn = db.pool.get_conn().await.unwrap();
+    conn.query_drop("INSERT INTO Object VALUES (1, 'web-01'), (2, 'db-01')")
+        .await
+        .unwrap();
+    conn.query_drop("INSERT INTO TagTree VALUES (1, 'prod')")
+        .await
+        .unwrap();
+    for stmt in [
+        "BEGIN",
+        "UPDATE Object SET name = 'web-02' WHERE id = 1",
+        "INSERT INTO TagTree VALUES (2, 'dev')",
+        "COMMIT",
+    ] {
+        conn.query_drop(stmt).await.unwrap();
+    }
+    let gtid: String = conn
+        .query_first("SELECT @@last_gtid")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!gtid.is_empty());
+
+    // Wait until the producer published the last transaction (both of its events).
+    let by_gtid = rtinval_tests::wait_sync(
+        "the transaction's events",
+        std::time::Duration::from_secs(30),
+        || {
+            let rows = json(&replay(&config, &["--gtid", &gtid]));
+            (rows.len() == 2).then_some(rows)
+        },
+    );
+    let kinds: std::collections::BTreeSet<&str> = by_gtid
+        .iter()
+        .map(|r| r["event"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["cache_keys", "pool_reset"].into(),
+        "one transaction, both effects: {by_gtid:?}"
+    );
+    for r in &by_gtid {
+        assert_eq!(r["event"]["source"]["gtid"], gtid.as_str());
+    }
+
+    // --table: the TagTree transactions' resets, and the second transaction touched both tables.
+    let tagtree = json(&replay(&config, &["--table", "TagTree"]));
+    assert_eq!(
+        tagtree
+            .iter()
+            .filter(|r| r["event"]["kind"] == "pool_reset")
+            .count(),
+        2,
+        "{tagtree:?}"
+    );
+    let objects = json(&replay(
+        &config,
+        &["--table", &format!("{}.Object", db.name)],
+    ));
+    assert_eq!(
+        objects.len(),
+        3,
+        "two Object transactions, one mixed: {objects:?}"
+    );
+
+    // --key-prefix: the name keys of both Object transactions, old and new names.
+    let names = json(&replay(&config, &["--key-prefix", "object_name:"]));
+    let mut seen: Vec<String> = names
+        .iter()
+        .flat_map(|r| r["event"]["keys"].as_array().unwrap().clone())
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .filter(|k| k.starts_with("object_name:"))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        [
+            "object_name:db-01",
+            "object_name:web-01",
+            "object_name:web-02"
+        ]
+    );
+
+    // --why names the transaction that invalidated the key, oldest first: the producer's
+    // start-up resync (a new checkpoint key), then the rename.
+    let why = replay(
+        &config,
+        &["--why", "object_name:web-02", "--format", "table"],
+    );
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(why[0].contains("no_checkpoint"), "{why:?}");
+    assert!(
+        why[1].contains("cache_keys") && why[1].contains(&format!("gtid {gtid}")),
+        "{why:?}"
+    );
+
+    // --follow prints what is published after it started, and keeps running.
+    let mut follow = std::process::Command::new(rtinval_tests::bin("rtinval-consumer"))
+        .arg("--config")
+        .arg(&config)
+        .arg("replay")
+        .args([
+            "--follow",
+            "--table",
+            "TagTree",
+            "--kind",
+            "pool_reset",
+            "--format",
+            "table",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The two existing TagTree resets first.
+    for _ in 0..2 {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        assert!(line.contains("pool_reset"), "{line}");
+    }
+    conn.query_drop("INSERT INTO TagTree VALUES (3, 'new')")
+        .await
+        .unwrap();
+    let new_gtid: String = conn
+        .query_first("SELECT @@last_gtid")
+        .await
+        .unwrap()
+        .unwrap();
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("--follow prints the new change");
+    assert!(
+        line.contains("pool_reset") && line.contains(&format!("gtid {new_gtid}")),
+        "{line}"
+    );
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "--follow keeps running"
+    );
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    drop(producer);
+}
