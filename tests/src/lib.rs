@@ -202,6 +202,20 @@ impl Proc {
     }
 
     /// SIGTERM and wait up to `timeout` for exit; returns the status.
+    /// Wait until the log contains `text`; fails at once, with the log, if the process exits.
+    pub fn wait_log(&mut self, text: &str, timeout: Duration) {
+        wait_sync(
+            &format!("{}: {text:?} in the log", self.name),
+            timeout,
+            || {
+                if let Some(status) = self.try_exit() {
+                    panic!("{} exited ({status}):\n{}", self.name, self.log_text());
+                }
+                self.log_text().contains(text).then_some(())
+            },
+        );
+    }
+
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -268,10 +282,7 @@ pub fn start_producer(dir: &Path, name: &str, config: &str) -> Proc {
             .arg(&path),
         dir.join(format!("{name}.log")),
     );
-    wait_sync("producer streaming", Duration::from_secs(60), || {
-        assert!(p.try_exit().is_none(), "producer exited:\n{}", p.log_text());
-        p.log_text().contains("Streaming binlog.").then_some(())
-    });
+    p.wait_log("Streaming binlog.", Duration::from_secs(60));
     p
 }
 

@@ -89,17 +89,7 @@ async fn avro_events_flow_from_binlog_to_node_through_the_registry() {
         pool.pidfile.display(),
         Stack::get().redis_url
     );
-    wait_sync("producer streaming", Duration::from_secs(60), || {
-        assert!(
-            producer.try_exit().is_none(),
-            "producer exited:\n{}",
-            producer.log_text()
-        );
-        producer
-            .log_text()
-            .contains("Streaming binlog.")
-            .then_some(())
-    });
+    producer.wait_log("Streaming binlog.", Duration::from_secs(60));
     // The node starts after the producer's first-start resync is in Kafka, so nothing flushes
     // what the test seeds below.
     let resets = format!("{prefix}.pool-reset");

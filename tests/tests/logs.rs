@@ -88,17 +88,7 @@ async fn json_logs_redact_secrets_and_report_progress_with_positions() {
             .arg("json"),
         dir.path().join("producer.log"),
     );
-    wait_sync("producer streaming", Duration::from_secs(60), || {
-        assert!(
-            producer.try_exit().is_none(),
-            "producer exited:\n{}",
-            producer.log_text()
-        );
-        producer
-            .log_text()
-            .contains("Streaming binlog.")
-            .then_some(())
-    });
+    producer.wait_log("Streaming binlog.", Duration::from_secs(60));
 
     let consumer_cfg = dir.path().join("consumer.toml");
     std::fs::write(
@@ -122,14 +112,7 @@ async fn json_logs_redact_secrets_and_report_progress_with_positions() {
             .env("RTINVAL_LOG_FORMAT", "json"),
         dir.path().join("consumer.log"),
     );
-    wait_sync("consumer consuming", Duration::from_secs(60), || {
-        assert!(
-            consumer.try_exit().is_none(),
-            "consumer exited:\n{}",
-            consumer.log_text()
-        );
-        consumer.log_text().contains("Consuming.").then_some(())
-    });
+    consumer.wait_log("Consuming.", Duration::from_secs(60));
 
     db.exec(
         "INSERT INTO Object (name) VALUES ('a'), ('b'); UPDATE Object SET name = 'c' WHERE id = 1",

@@ -43,15 +43,7 @@ fn start(dir: &Path, name: &str, cfg: &str) -> Proc {
 }
 
 fn wait_streaming(p: &mut Proc, timeout: Duration) {
-    wait_sync(&format!("{} streaming", p.name), timeout, || {
-        assert!(
-            p.try_exit().is_none(),
-            "{} exited:\n{}",
-            p.name,
-            p.log_text()
-        );
-        p.log_text().contains("Streaming binlog.").then_some(())
-    });
+    p.wait_log("Streaming binlog.", timeout);
 }
 
 fn kill9(p: &mut Proc) {
