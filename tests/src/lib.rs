@@ -645,6 +645,10 @@ impl PrivateMariaDb {
     /// A server in `dir/name` with its own `server_id`.
     pub fn start_with_id(dir: &Path, name: &str, server_id: u32) -> PrivateMariaDb {
         let data = dir.join(name);
+        // A tmpdir of its own: a starting mariadbd deletes every `#sql*` file in its tmpdir,
+        // which in a shared /tmp broke concurrent servers' bootstraps.
+        let tmp = data.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("create the server's tmpdir");
         let out = Command::new("mariadb-install-db")
             .args([
                 "--no-defaults",
@@ -653,6 +657,7 @@ impl PrivateMariaDb {
                 "--skip-test-db",
             ])
             .arg(format!("--datadir={}", data.join("data").display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .output()
             .expect("mariadb-install-db runs");
         assert!(
@@ -702,6 +707,7 @@ impl PrivateMariaDb {
                     "--innodb-log-file-size=16M",
                 ])
                 .arg(format!("--datadir={}", d.join("data").display()))
+                .arg(format!("--tmpdir={}", d.join("tmp").display()))
                 .arg(format!("--socket={}", self.socket().display()))
                 .arg(format!("--port={}", self.port))
                 .arg(format!("--pid-file={}", d.join("mariadbd.pid").display()))
