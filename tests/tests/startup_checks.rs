@@ -101,3 +101,23 @@ fn malformed_configs_are_refused_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("source.database"), "{err}");
 }
+
+/// `--version` names the crate version and the event schema version the binary speaks, and
+/// the latter is the one the schemas crate defines (both binaries spell it out by hand).
+#[test]
+fn version_names_the_event_schema_version_in_use() {
+    for name in ["rtinval-producer", "rtinval-consumer"] {
+        let out = Command::new(bin(name)).arg("--version").output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.trim(),
+            format!(
+                "{name} {} (event schema_version {})",
+                env!("CARGO_PKG_VERSION"),
+                rtinval_schemas::SCHEMA_VERSION
+            ),
+            "{name} --version"
+        );
+    }
+}
