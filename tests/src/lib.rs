@@ -216,6 +216,19 @@ impl Proc {
         );
     }
 
+    /// `kill -9` and wait until it is gone.
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.child.id().to_string())
+            .status();
+        wait_sync(
+            &format!("{} killed", self.name),
+            Duration::from_secs(5),
+            || self.try_exit(),
+        );
+    }
+
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
             .arg("-TERM")

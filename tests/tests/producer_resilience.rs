@@ -46,15 +46,6 @@ fn wait_streaming(p: &mut Proc, timeout: Duration) {
     p.wait_log("Streaming binlog.", timeout);
 }
 
-fn kill9(p: &mut Proc) {
-    Command::new("kill")
-        .arg("-KILL")
-        .arg(p.pid().to_string())
-        .status()
-        .unwrap();
-    wait_sync("killed", Duration::from_secs(5), || p.try_exit());
-}
-
 async fn seed(base: &str) -> TestDb {
     let db = TestDb::create(base, SCHEMA).await;
     let rows: Vec<String> = (1..=OBJECTS)
@@ -153,7 +144,7 @@ async fn sigkill_under_load_loses_no_invalidation() {
     let mut restarts = 0;
     while !writes.is_finished() && restarts < 6 {
         tokio::time::sleep(Duration::from_millis(700 + 200 * (restarts % 3))).await;
-        kill9(&mut p);
+        p.kill9();
         restarts += 1;
         p = start(dir.path(), &format!("producer-{restarts}"), &cfg);
         wait_streaming(&mut p, Duration::from_secs(30));
@@ -184,7 +175,7 @@ async fn a_standby_takes_over_from_a_killed_leader() {
 
     let writes = writer(&db, 1000, Duration::from_millis(4));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    kill9(&mut leader);
+    leader.kill9();
     let killed = Instant::now();
     wait_streaming(&mut standby, Duration::from_secs(20));
     println!(
