@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 /// Per-node agent of rtinval: applies cache-invalidation events from Kafka to this node's
-/// worker pools (graceful reloads, debounced) and caches (Redis key purges).
+/// worker pools (graceful reloads, debounced) and caches (Redis and memcached key purges).
 ///
 /// Offsets are committed only after an event's actions were applied. A node without a committed
 /// offset, or that receives an undecodable message or a `resync`, reloads every pool and flushes
