@@ -58,6 +58,7 @@ pub struct Metrics {
     pub decode_errors: Counter,
     pub not_here: Counter,
     pub second_purges: Counter,
+    pub cache_failures: Family<CacheLabel, Counter>,
     source_time_ms: Arc<AtomicU64>,
     assigned: Arc<AtomicBool>,
     max_staleness_ms: Arc<AtomicU64>,
@@ -102,7 +103,7 @@ impl Metrics {
         );
         let staleness_seconds = reg!(
             "rtinval_consumer_staleness_seconds",
-            "Age of this node's view of the source, from the newest heartbeat",
+            "Age of this node's view of the source: the newest heartbeat applied after every message received before it",
             Gauge::<f64, AtomicU64>::default()
         );
         let pool_reloads = reg!(
@@ -150,6 +151,11 @@ impl Metrics {
             "Actions naming a pool or cache this node does not have",
             Counter::default()
         );
+        let cache_failures = reg!(
+            "rtinval_consumer_cache_failures",
+            "Failed cache operations (purge or flush; retried until they succeed)",
+            Family::<CacheLabel, Counter>::default()
+        );
         let second_purges = reg!(
             "rtinval_consumer_second_purges",
             "Delayed second purges performed",
@@ -158,6 +164,7 @@ impl Metrics {
         Metrics {
             registry: Arc::new(r),
             second_purges,
+            cache_failures,
             events_applied,
             apply_latency_seconds,
             end_to_end_latency_seconds,
@@ -201,6 +208,14 @@ impl Metrics {
                 cache: cache.to_owned(),
             })
             .inc_by(n as u64);
+    }
+
+    pub fn cache_failed(&self, cache: &str) {
+        self.cache_failures
+            .get_or_create(&CacheLabel {
+                cache: cache.to_owned(),
+            })
+            .inc();
     }
 
     pub fn cache_flushed(&self, cache: &str) {

@@ -74,6 +74,8 @@ struct Done {
     kind: Option<EventKind>,
     received: Instant,
     committed_at: u64,
+    /// A heartbeat's source time, recorded when it completes (in message order).
+    heartbeat_source_ms: Option<u64>,
     result: Result<(), Interrupted>,
 }
 
@@ -426,12 +428,16 @@ impl Subscriber {
         let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
         let received = Instant::now();
         let decoded = decode_any(m.payload().unwrap_or_default(), self.avro.as_ref()).await;
+        let mut heartbeat_source_ms = None;
         let (fut, kind, committed_at) = match decoded {
             Ok(event) => {
                 debug!(%topic, partition, offset, id = %event.id, kind = %event.kind(), "Event.");
                 if let rtinval_schemas::EventBody::Resync { reason } = &event.body {
                     warn!(%topic, partition, offset, %reason, id = %event.id, "The producer asks for a resync.");
                     self.metrics.resync("producer");
+                }
+                if let rtinval_schemas::EventBody::Heartbeat { source_time } = &event.body {
+                    heartbeat_source_ms = Some(*source_time);
                 }
                 let actions = plan::actions(&event, &self.inventory);
                 (
@@ -465,6 +471,7 @@ impl Subscriber {
                 kind,
                 received,
                 committed_at,
+                heartbeat_source_ms,
                 result,
             }
         }
@@ -480,6 +487,11 @@ impl Subscriber {
     fn complete(&self, done: Done) -> Option<(String, i32, i64)> {
         if done.result.is_err() {
             return None;
+        }
+        // Completions arrive in message order: everything received before this heartbeat is
+        // applied, so the node's view of the source is as new as the heartbeat says.
+        if let Some(t) = done.heartbeat_source_ms {
+            self.metrics.observe_source_time(t);
         }
         if let Some(kind) = done.kind {
             self.metrics

@@ -1018,3 +1018,106 @@ async fn sigkill_under_load_loses_no_purge() {
     println!("the last node applied {applied} of {N} messages (the rest before the kills)");
     assert!(applied >= 1.0);
 }
+
+/// A node whose cache is down keeps receiving heartbeats but cannot apply the purge before
+/// them: it turns not ready (stale) instead of reporting a fresh view it does not have, counts
+/// the failures, and recovers on its own when the cache is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("stuck");
+    let bus = Bus::new(&prefix).await;
+    let port = rtinval_tests::free_port();
+    let start_redis = |name: &str| {
+        let mut p = rtinval_tests::Proc::spawn(
+            name,
+            std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--port")
+                .arg(port.to_string()),
+            dir.path().join(format!("{name}.log")),
+        );
+        wait_sync("private Redis listening", Duration::from_secs(10), || {
+            assert!(p.try_exit().is_none(), "redis-server exited");
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+        p
+    };
+    let mut cache = start_redis("redis");
+    let config = format!(
+        "{}[node]\nmax_staleness_secs = 2\n[caches.rt]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\nprefix = \"{prefix}:\"\n",
+        kafka_section(&prefix)
+    );
+    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
+    c.wait_consuming();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let ready = |c: &ConsumerProc| http_get(&c.http, "/readyz");
+    bus.publish(EventBody::Heartbeat {
+        source_time: now_ms(),
+    })
+    .await;
+    wait_sync("ready", Duration::from_secs(10), || {
+        ready(&c).filter(|(s, _)| *s == 200).map(|_| ())
+    });
+
+    cache.kill9();
+    bus.publish(EventBody::CacheKeys {
+        cache: "rt".into(),
+        keys: vec!["object:1".into()],
+    })
+    .await;
+    // Heartbeats keep coming; the purge before them cannot be applied.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stale = loop {
+        bus.publish(EventBody::Heartbeat {
+            source_time: now_ms(),
+        })
+        .await;
+        if let Some((503, body)) = ready(&c) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready while the purge fails: {:?}",
+            ready(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(stale.contains("stale"), "{stale}");
+    assert!(c.metric("rtinval_consumer_cache_failures_total{cache=\"rt\"}") >= 1.0);
+    assert_eq!(
+        c.metric("rtinval_consumer_events_applied_total{kind=\"cache_keys\"}"),
+        0.0
+    );
+
+    // The cache is back: the retried purge succeeds and the heartbeats after it count again.
+    let _cache = start_redis("redis-again");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        bus.publish(EventBody::Heartbeat {
+            source_time: now_ms(),
+        })
+        .await;
+        if ready(&c).is_some_and(|(s, _)| s == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the cache came back: {:?}",
+            ready(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        c.metric("rtinval_consumer_events_applied_total{kind=\"cache_keys\"}"),
+        1.0
+    );
+    assert!(c.proc.try_exit().is_none());
+}

@@ -158,6 +158,7 @@ fn exposed_series() -> std::collections::BTreeSet<String> {
     cm.pool_reload_failed("x");
     cm.keys_purged("x", 1);
     cm.cache_flushed("x");
+    cm.cache_failed("x");
     let text = pm.encode() + &cm.encode();
     let mut names = std::collections::BTreeSet::new();
     for line in text.lines() {

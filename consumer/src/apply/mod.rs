@@ -131,13 +131,13 @@ impl Applier {
                 };
                 let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
                 async move {
-                    let mut round = retry(&shutdown, || c.purge(&keys)).await?;
+                    let mut round = retry(&shutdown, &metrics, &cache, || c.purge(&keys)).await?;
                     if let Some(delay) = c.second_purge {
                         tokio::select! {
                             _ = shutdown.cancelled() => return Err(Interrupted),
                             _ = tokio::time::sleep(delay) => {}
                         }
-                        round = retry(&shutdown, || c.purge(&keys)).await?;
+                        round = retry(&shutdown, &metrics, &cache, || c.purge(&keys)).await?;
                         metrics.second_purges.inc();
                     }
                     match round {
@@ -157,16 +157,16 @@ impl Applier {
                 };
                 let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
                 async move {
-                    retry(&shutdown, || c.flush()).await?;
+                    retry(&shutdown, &metrics, &cache, || c.flush()).await?;
                     metrics.cache_flushed(&cache);
                     Ok(())
                 }
                 .boxed()
             }
-            Action::Freshness { source_time_ms } => {
-                self.metrics.observe_source_time(source_time_ms);
-                async { Ok(()) }.boxed()
-            }
+            // Nothing to do here: the subscriber records a heartbeat's source time when the
+            // heartbeat completes in message order, i.e. once everything received before it
+            // is applied. Recording it here would keep a node "fresh" while its purges fail.
+            Action::Freshness { .. } => async { Ok(()) }.boxed(),
             Action::NotHere { name } => {
                 self.metrics.not_here.inc();
                 tracing::trace!(%name, "Event names a pool or cache this node does not have.");
@@ -176,8 +176,14 @@ impl Applier {
     }
 }
 
-/// Retry a cache operation with exponential backoff until it succeeds or shutdown.
-async fn retry<F, Fut, T>(shutdown: &CancellationToken, mut op: F) -> Result<T, Interrupted>
+/// Retry a cache operation with exponential backoff until it succeeds or shutdown; each
+/// failure is logged and counted.
+async fn retry<F, Fut, T>(
+    shutdown: &CancellationToken,
+    metrics: &Metrics,
+    cache: &str,
+    mut op: F,
+) -> Result<T, Interrupted>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::error::CacheError>>,
@@ -187,6 +193,7 @@ where
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) => {
+                metrics.cache_failed(cache);
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Cache operation failed, retrying.");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(Interrupted),
