@@ -456,9 +456,7 @@ impl Bus {
 
     /// An event with a plausible source block.
     pub fn event(body: rtinval_schemas::EventBody) -> rtinval_schemas::Event {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = rtinval_consumer::now_ms();
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let seq = SEQ.fetch_add(1, Ordering::Relaxed) as usize;
         rtinval_schemas::Event {

@@ -661,14 +661,8 @@ async fn freshness_readiness_sighup_and_sigterm() {
         (503, "not ready: no heartbeat from the producer yet")
     );
 
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
     bus.publish(EventBody::Heartbeat {
-        source_time: now_ms(),
+        source_time: rtinval_consumer::now_ms(),
     })
     .await;
     wait_sync("ready after a heartbeat", Duration::from_secs(10), || {
@@ -1052,15 +1046,9 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
     );
     let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
     c.wait_consuming();
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
     let ready = |c: &ConsumerProc| http_get(&c.http, "/readyz");
     bus.publish(EventBody::Heartbeat {
-        source_time: now_ms(),
+        source_time: rtinval_consumer::now_ms(),
     })
     .await;
     wait_sync("ready", Duration::from_secs(10), || {
@@ -1077,7 +1065,7 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let stale = loop {
         bus.publish(EventBody::Heartbeat {
-            source_time: now_ms(),
+            source_time: rtinval_consumer::now_ms(),
         })
         .await;
         if let Some((503, body)) = ready(&c) {
@@ -1102,7 +1090,7 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         bus.publish(EventBody::Heartbeat {
-            source_time: now_ms(),
+            source_time: rtinval_consumer::now_ms(),
         })
         .await;
         if ready(&c).is_some_and(|(s, _)| s == 200) {
