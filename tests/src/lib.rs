@@ -216,6 +216,19 @@ impl Proc {
         );
     }
 
+    /// Wait until it accepts connections on `127.0.0.1:port`; fails at once, with the log, if
+    /// the process exits.
+    pub fn wait_port(&mut self, port: u16, timeout: Duration) {
+        wait_sync(&format!("{} listening on {port}", self.name), timeout, || {
+            if let Some(status) = self.try_exit() {
+                panic!("{} exited ({status}):\n{}", self.name, self.log_text());
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
     /// `kill -9` and wait until it is gone.
     pub fn kill9(&mut self) {
         let _ = Command::new("kill")
@@ -698,7 +711,7 @@ impl PrivateMariaDb {
 
     fn run(&mut self) {
         let d = &self.dir;
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "private-mariadb",
             Command::new("mariadbd")
                 .args([
@@ -725,13 +738,8 @@ impl PrivateMariaDb {
                 .arg(format!("--log-bin={}", d.join("mariadb-bin").display())),
             d.join("mariadbd.log"),
         );
+        proc.wait_port(self.port, Duration::from_secs(60));
         self.proc = Some(proc);
-        let port = self.port;
-        wait_sync("private MariaDB listening", Duration::from_secs(60), || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
     }
 
     /// Run SQL as root over the socket.
@@ -809,7 +817,7 @@ impl PrivateBroker {
 
     fn run(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "private-tansu",
             Command::new(&Stack::get().tansu_bin)
                 .current_dir(&self.dir)
@@ -823,13 +831,8 @@ impl PrivateBroker {
                 .args(["--storage-engine", "sqlite://tansu.db"]),
             self.dir.join(format!("tansu-{}.log", std::process::id())),
         );
+        proc.wait_port(self.port, Duration::from_secs(30));
         self.proc = Some(proc);
-        let port = self.port;
-        wait_sync("private tansu listening", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
         // The index tansu's schema lacks, as scripts/stack adds it to the shared broker.
         let status = Command::new(workspace_root().join("scripts/tansu-index.py"))
             .arg(self.dir.join("tansu.db"))

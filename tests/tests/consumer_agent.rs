@@ -1031,12 +1031,7 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
                 .arg(port.to_string()),
             dir.path().join(format!("{name}.log")),
         );
-        wait_sync("private Redis listening", Duration::from_secs(10), || {
-            assert!(p.try_exit().is_none(), "redis-server exited");
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
+        p.wait_port(port, Duration::from_secs(10));
         p
     };
     let mut cache = start_redis("redis");
