@@ -139,6 +139,29 @@ impl TestDb {
         }
     }
 
+    /// Create (or re-create) the MariaDB user `user` with `password`, the global `grants`
+    /// (e.g. `REPLICATION SLAVE, BINLOG MONITOR`) and SELECT on this database; returns the
+    /// `mysql://` URL a producer connects with.
+    pub async fn user(&self, user: &str, password: &str, grants: &str) -> String {
+        let stack = Stack::get();
+        let admin = mysql_async::Pool::new(stack.mysql_admin_url.as_str());
+        let mut conn = admin.get_conn().await.expect("admin connection");
+        for stmt in [
+            format!("DROP USER IF EXISTS '{user}'@'127.0.0.1'"),
+            format!("CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{password}'"),
+            format!("GRANT {grants} ON *.* TO '{user}'@'127.0.0.1'"),
+            format!("GRANT SELECT ON `{}`.* TO '{user}'@'127.0.0.1'", self.name),
+        ] {
+            conn.query_drop(&stmt)
+                .await
+                .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
+        drop(conn);
+        admin.disconnect().await.ok();
+        let host_port = stack.mysql_url.rsplit_once('@').map_or("", |(_, h)| h);
+        format!("mysql://{user}:{password}@{host_port}")
+    }
+
     /// Run SQL statements (separated by `;`) in one session.
     pub async fn exec(&self, sql: &str) {
         let mut conn = self.pool.get_conn().await.expect("connection");
@@ -219,14 +242,18 @@ impl Proc {
     /// Wait until it accepts connections on `127.0.0.1:port`; fails at once, with the log, if
     /// the process exits.
     pub fn wait_port(&mut self, port: u16, timeout: Duration) {
-        wait_sync(&format!("{} listening on {port}", self.name), timeout, || {
-            if let Some(status) = self.try_exit() {
-                panic!("{} exited ({status}):\n{}", self.name, self.log_text());
-            }
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
+        wait_sync(
+            &format!("{} listening on {port}", self.name),
+            timeout,
+            || {
+                if let Some(status) = self.try_exit() {
+                    panic!("{} exited ({status}):\n{}", self.name, self.log_text());
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        );
     }
 
     /// `kill -9` and wait until it is gone.

@@ -42,24 +42,13 @@ async fn json_logs_redact_secrets_and_report_progress_with_positions() {
     let prefix = unique("logs");
     // A user of its own, with a password that cannot appear in a log by chance.
     let source_password = format!("pw-{}", unique("secret"));
-    let user = format!("rtl_{}", std::process::id());
-    let host_port = s.mysql_url.rsplit_once('@').unwrap().1;
-    {
-        use mysql_async::prelude::Queryable;
-        let admin = mysql_async::Pool::new(s.mysql_admin_url.as_str());
-        let mut conn = admin.get_conn().await.unwrap();
-        for stmt in [
-            format!("DROP USER IF EXISTS '{user}'@'127.0.0.1'"),
-            format!("CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{source_password}'"),
-            format!("GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO '{user}'@'127.0.0.1'"),
-            format!("GRANT SELECT ON `{}`.* TO '{user}'@'127.0.0.1'", db.name),
-        ] {
-            conn.query_drop(stmt).await.unwrap();
-        }
-        drop(conn);
-        admin.disconnect().await.unwrap();
-    }
-    let source_url = format!("mysql://{user}:{source_password}@{host_port}");
+    let source_url = db
+        .user(
+            &format!("rtl_{}", std::process::id()),
+            &source_password,
+            "REPLICATION SLAVE, BINLOG MONITOR",
+        )
+        .await;
     let registry_password = "registry-secret-4711";
     let kafka_secret = "kafka-secret-0815";
 

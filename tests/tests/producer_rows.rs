@@ -10,12 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use rtinval_schemas::EventBody;
-use rtinval_tests::{Proc, Stack, TestDb, bin, read_events, server_id, start_producer, unique};
+use rtinval_tests::{Proc, Stack, TestDb, read_events, server_id, start_producer, unique};
 
 fn producer(dir: &Path, url: &str, db: &str, prefix: &str, rules: &str) -> Proc {
     let s = Stack::get();
@@ -145,7 +144,6 @@ async fn the_documented_grants_suffice_and_a_missing_one_is_named() {
     let s = Stack::get();
     let admin = mysql_async::Pool::new(s.mysql_admin_url.as_str());
     let mut conn = admin.get_conn().await.unwrap();
-    let host_port = s.mysql_url.rsplit_once('@').unwrap().1.to_owned();
     let cases = [
         ("REPLICATION SLAVE, BINLOG MONITOR", true, ""),
         ("BINLOG MONITOR", false, "REPLICATION SLAVE"),
@@ -153,48 +151,25 @@ async fn the_documented_grants_suffice_and_a_missing_one_is_named() {
     ];
     for (i, (grants, ok, missing)) in cases.into_iter().enumerate() {
         let user = format!("rtt_g{i}_{}", std::process::id());
-        conn.query_drop(format!("DROP USER IF EXISTS '{user}'@'127.0.0.1'"))
-            .await
-            .unwrap();
-        conn.query_drop(format!(
-            "CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'pw'"
-        ))
-        .await
-        .unwrap();
-        conn.query_drop(format!("GRANT {grants} ON *.* TO '{user}'@'127.0.0.1'"))
-            .await
-            .unwrap();
-        conn.query_drop(format!(
-            "GRANT SELECT ON `{}`.* TO '{user}'@'127.0.0.1'",
-            db.name
-        ))
-        .await
-        .unwrap();
+        let url = db.user(&user, "pw", grants).await;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = format!(
-            "[source]\nurl = \"mysql://{user}:pw@{host_port}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\n\
-             [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
-            db.name,
-            server_id(),
-            s.brokers
+        let (code, text) = rtinval_tests::producer_check(
+            dir.path(),
+            &format!(
+                "[source]\nurl = \"{url}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\n\
+                 [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
+                db.name,
+                server_id(),
+                s.brokers
+            ),
         );
-        let path = dir.path().join("p.toml");
-        std::fs::write(&path, cfg).unwrap();
-        let out = Command::new(bin("rtinval-producer"))
-            .arg("--check")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
         conn.query_drop(format!("DROP USER '{user}'@'127.0.0.1'"))
             .await
             .unwrap();
         if ok {
-            assert_eq!(out.status.code(), Some(0), "{grants}: {text}");
+            assert_eq!(code, Some(0), "{grants}: {text}");
         } else {
-            assert_eq!(out.status.code(), Some(1), "{grants}: {text}");
+            assert_eq!(code, Some(1), "{grants}: {text}");
             assert!(
                 text.contains("lacks a privilege") && text.contains(missing),
                 "{grants}: {text}"
