@@ -81,6 +81,27 @@ async fn keys_on(brokers: &str, prefix: &str) -> HashSet<String> {
     keys
 }
 
+/// Set object 1's label on `db` and wait until its key `object:1:<label>` is published: the
+/// producer streams from that server.
+async fn relabel_and_see(db: &PrivateMariaDb, brokers: &str, prefix: &str, label: &str) {
+    let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&db.admin_url()).unwrap())
+        .await
+        .unwrap();
+    c.exec_drop("UPDATE rt.Object SET label = ? WHERE id = 1", (label,))
+        .await
+        .unwrap();
+    let key = format!("object:1:{label}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !keys_on(brokers, prefix).await.contains(&key) {
+        assert!(
+            Instant::now() < deadline,
+            "no event for {key} from {}",
+            db.admin_url()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The reasons of the resyncs on the pool-reset topic, once there are `n` (or after 30 s).
 async fn wait_resyncs(brokers: &str, prefix: &str, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -299,17 +320,7 @@ async fn a_checkpoint_from_another_server_publishes_a_resync() {
         "{}",
         p.log_text()
     );
-    let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&new.admin_url()).unwrap())
-        .await
-        .unwrap();
-    c.exec_drop("UPDATE rt.Object SET label = 'on-new' WHERE id = 1", ())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !keys_on(&brokers, &prefix).await.contains("object:1:on-new") {
-        assert!(Instant::now() < deadline, "no event from the new server");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    relabel_and_see(&new, &brokers, &prefix, "on-new").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,20 +383,7 @@ async fn a_rebuilt_server_with_the_same_id_publishes_a_resync() {
         p.log_text()
     );
     // It goes on from the rebuilt server's current position.
-    let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&rebuilt.admin_url()).unwrap())
-        .await
-        .unwrap();
-    c.exec_drop("UPDATE rt.Object SET label = 'after' WHERE id = 1", ())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !keys_on(&brokers, &prefix).await.contains("object:1:after") {
-        assert!(
-            Instant::now() < deadline,
-            "no event from the rebuilt server"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    relabel_and_see(&rebuilt, &brokers, &prefix, "after").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
