@@ -8,7 +8,9 @@
 //!     → batch (pure: per commit) ──mpsc──► publish (Kafka) ──mpsc──► checkpoint (acks → position)
 //! ```
 //!
-//! Plus [`config`] (TOML), [`error`] (one enum per boundary) and [`metrics`] (Prometheus, probes).
+//! Plus [`cascade`] (pure: foreign keys → the chains of rows InnoDB changes unlogged, which
+//! [`rules`] compiles against each parent table), [`config`] (TOML), [`error`] (one enum per
+//! boundary) and [`metrics`] (Prometheus, probes).
 //!
 //! Guarantees:
 //! - **Order and completeness.** Every commit of a watched table that produces intents becomes
@@ -21,8 +23,11 @@
 //!   are recognisable as duplicates.
 //! - **Never silent.** No checkpoint → `resync`; position gone from the server → `resync`;
 //!   a key that cannot be derived or too many keys → `cache_flush`. Each is logged and counted.
+//! - **Cascades at every depth.** A parent row's change stands in for every row its cascading
+//!   foreign keys reach, transitively: their rules' keys, or a flush of their caches.
 
 pub mod batch;
+pub mod cascade;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use rtinval_schemas::Op;
 
+use crate::cascade::CascadeChain;
 use crate::config::Rule;
 use crate::decode::{RowChange, TableShape, Value, push_hex};
 
@@ -249,30 +250,16 @@ pub struct TableRules {
     /// Column names and ENUM values of the table map the rules were compiled against.
     pub shape: TableShape,
     rules: Vec<CompiledRule>,
-    /// Child rules reached through foreign keys whose actions the engine applies unlogged.
+    /// Rules of tables reached, at any depth, through foreign keys whose actions the engine
+    /// applies unlogged.
     cascades: Vec<CompiledCascade>,
     /// Columns rules reference that the table does not have (reported once per compile).
     pub missing_columns: Vec<String>,
 }
 
-/// A foreign key whose `ON DELETE` / `ON UPDATE` action (CASCADE or SET NULL) changes child
-/// rows inside InnoDB, where the binlog never sees them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForeignKey {
-    pub name: String,
-    /// `database.table` of the child.
-    pub child: String,
-    pub child_columns: Vec<String>,
-    /// Referenced columns of the parent, in the same order.
-    pub parent_columns: Vec<String>,
-    /// Deleting a parent row changes children (CASCADE or SET NULL).
-    pub on_delete: bool,
-    /// Updating a referenced parent column changes children (CASCADE or SET NULL).
-    pub on_update: bool,
-}
-
-/// A child rule compiled against the parent's columns: child key columns that are foreign-key
-/// columns read the parent's referenced value; any other column makes the key underivable.
+/// A rule of a table reached through a [`CascadeChain`], compiled against the parent's columns:
+/// key columns handed down from the parent through every level's foreign-key columns read the
+/// parent's value; any other column makes the key underivable.
 #[derive(Debug)]
 struct CompiledCascade {
     on_delete: bool,
@@ -364,12 +351,12 @@ impl TableRules {
         TableRules::compile_with_cascades(table, rules, &[], shape)
     }
 
-    /// Like [`TableRules::compile`], plus the rules of child tables reached through `fks`
-    /// (foreign keys whose parent is this table), each with the child's rules.
+    /// Like [`TableRules::compile`], plus the rules of tables reached through `chains`
+    /// (cascade paths whose first parent is this table), each with the reached table's rules.
     pub fn compile_with_cascades(
         table: &str,
         rules: &[&Rule],
-        fks: &[(ForeignKey, Vec<&Rule>)],
+        chains: &[(CascadeChain, Vec<&Rule>)],
         shape: TableShape,
     ) -> TableRules {
         let columns = shape.names.clone();
@@ -397,27 +384,26 @@ impl TableRules {
             .collect();
         let position = |name: &str| columns.iter().position(|c| c.eq_ignore_ascii_case(name));
         let mut cascades = Vec::new();
-        for (fk, child_rules) in fks {
-            for r in child_rules {
-                // A child column that is a foreign-key column has the parent's referenced value.
-                let via_fk = |child_col: &str| {
-                    fk.child_columns
-                        .iter()
-                        .position(|c| c.eq_ignore_ascii_case(child_col))
-                        .and_then(|i| fk.parent_columns.get(i))
-                        .and_then(|parent_col| position(parent_col))
-                };
+        for (chain, reached_rules) in chains {
+            let referenced: Vec<Option<usize>> = chain
+                .edges
+                .first()
+                .map(|e| e.parent_columns.iter().map(|c| position(c)).collect())
+                .unwrap_or_default();
+            // A column of the reached table handed down from the parent through every level.
+            let via_chain = |col: &str| chain.parent_column_of(col).and_then(position);
+            for r in reached_rules {
                 cascades.push(CompiledCascade {
-                    on_delete: fk.on_delete,
-                    on_update: fk.on_update,
-                    referenced: fk.parent_columns.iter().map(|c| position(c)).collect(),
+                    on_delete: chain.fires_on_delete(),
+                    on_update: chain.fires_on_update(),
+                    referenced: referenced.clone(),
                     pools: r
                         .reset_pools
                         .iter()
                         .map(|p| Arc::from(p.as_str()))
                         .collect(),
                     cache: r.cache.as_deref().map(Arc::from),
-                    keys: r.keys.iter().map(|t| t.compile(via_fk)).collect(),
+                    keys: r.keys.iter().map(|t| t.compile(via_chain)).collect(),
                 });
             }
         }
@@ -463,21 +449,17 @@ impl TableRules {
                 continue;
             }
             out.extend(c.pools.iter().map(|p| Intent::ResetPool(p.clone())));
-            let (Some(cache), Some(before)) = (&c.cache, &change.before) else {
-                continue;
-            };
-            // The children held the parent's old key values.
+            let Some(cache) = &c.cache else { continue };
+            // The reached rows held the parent's old values; after an ON UPDATE CASCADE they hold
+            // the new ones (after SET NULL they hold NULL, and the extra key is merely redundant).
             for template in &c.keys {
-                template
-                    .render(before)
-                    .push(cache, "cascade_underivable", out);
+                for image in [&change.before, &change.after].into_iter().flatten() {
+                    template
+                        .render(image)
+                        .push(cache, "cascade_underivable", out);
+                }
             }
         }
-    }
-
-    /// True when some child table's rules depend on this table's rows through a cascade.
-    pub fn has_cascades(&self) -> bool {
-        !self.cascades.is_empty()
     }
 }
 
@@ -530,6 +512,7 @@ pub fn intents(rules: &TableRules, change: &RowChange) -> Vec<Intent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cascade::{FkAction, ForeignKey};
     use proptest::prelude::*;
 
     fn rule(toml_rule: &str) -> Rule {
@@ -663,13 +646,17 @@ mod tests {
             child: "rt.AttributeValue".into(),
             child_columns: vec!["object_id".into(), "object_tid".into()],
             parent_columns: vec!["id".into(), "objtype_id".into()],
-            on_delete: true,
-            on_update: true,
+            on_delete: FkAction::Cascade,
+            on_update: FkAction::Cascade,
+        };
+        let chain = CascadeChain {
+            edges: vec![fk],
+            repeats: false,
         };
         let t = TableRules::compile_with_cascades(
             "rt.Object",
             &[],
-            &[(fk, vec![&child])],
+            &[(chain, vec![&child])],
             cols(&["id", "name", "objtype_id"]),
         );
         let row =
@@ -713,6 +700,76 @@ mod tests {
             after: Some(row(6, 4)),
         };
         assert!(intents(&t, &insert).is_empty());
+    }
+
+    #[test]
+    fn cascades_two_levels_deep_derive_handed_down_keys_and_flush_the_rest() {
+        // RackTables: deleting a VS deletes its VSIPs rows, which delete their VSEnabledIPs rows.
+        let fks = vec![
+            (
+                "rt.VS".to_owned(),
+                ForeignKey {
+                    name: "VSIPs-vs_id".into(),
+                    child: "rt.VSIPs".into(),
+                    child_columns: vec!["vs_id".into()],
+                    parent_columns: vec!["id".into()],
+                    on_delete: FkAction::Cascade,
+                    on_update: FkAction::None,
+                },
+            ),
+            (
+                "rt.VSIPs".to_owned(),
+                ForeignKey {
+                    name: "VSEnabledIPs-FK-vs_id-vip".into(),
+                    child: "rt.VSEnabledIPs".into(),
+                    child_columns: vec!["vs_id".into(), "vip".into()],
+                    parent_columns: vec!["vs_id".into(), "vip".into()],
+                    on_delete: FkAction::Cascade,
+                    on_update: FkAction::None,
+                },
+            ),
+        ];
+        let vsips = rule("table = \"VSIPs\"\ncache = \"rt\"\nkeys = [\"ipvs:{vs_id}\"]");
+        let enabled = rule(
+            "table = \"VSEnabledIPs\"\nreset_pools = [\"lb\"]\ncache = \"lbc\"\nkeys = [\"ipvs:{vs_id}\", \"object:{object_id}\"]",
+        );
+        let chains = crate::cascade::chains(&fks, |_| true);
+        let compiled: Vec<(CascadeChain, Vec<&Rule>)> = chains["rt.VS"]
+            .iter()
+            .map(|c| {
+                let reached = if c.child() == "rt.VSIPs" {
+                    &vsips
+                } else {
+                    &enabled
+                };
+                (c.clone(), vec![reached])
+            })
+            .collect();
+        let t = TableRules::compile_with_cascades("rt.VS", &[], &compiled, cols(&["id", "name"]));
+        let delete = RowChange {
+            op: Op::Delete,
+            before: Some(vec![Value::Int(1), Value::Bytes(b"web-vs".to_vec())]),
+            after: None,
+        };
+        assert_eq!(
+            intents(&t, &delete),
+            vec![
+                key("rt", "ipvs:1"),
+                Intent::ResetPool("lb".into()),
+                key("lbc", "ipvs:1"),
+                Intent::FlushCache {
+                    cache: "lbc".into(),
+                    reason: "cascade_underivable"
+                },
+            ]
+        );
+        // No ON UPDATE action on the way: an update of the VS reaches nothing.
+        let rename = RowChange {
+            op: Op::Update,
+            before: Some(vec![Value::Int(1), Value::Bytes(b"a".to_vec())]),
+            after: Some(vec![Value::Int(2), Value::Bytes(b"b".to_vec())]),
+        };
+        assert!(intents(&t, &rename).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! ROTATE after connect precedes the format description and carries the checksum glued to the
 //! file name (it is ignored: we know the file we asked for).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,13 +28,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::batch::{Batcher, Commit};
+use crate::cascade::{self, CascadeChain};
 use crate::checkpoint::Position;
 use crate::config::{Config, Rule};
 use crate::decode::{self, RowChange, Value};
 use crate::error::{SourceError, is_privilege_error};
 use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
 use crate::publish::Batch;
-use crate::rules::{ForeignKey, Intent, TableRules};
+use crate::rules::{Intent, TableRules};
 
 /// MariaDB event types that mysql_common does not decode.
 const MARIADB_ANNOTATE_ROWS: u8 = 160;
@@ -45,6 +46,8 @@ const MARIADB_GTID_LIST: u8 = 163;
 const MARIADB_FL_STANDALONE: u8 = 1;
 /// Server error "could not find first log file name in binary log index file" and relatives.
 const ER_MASTER_FATAL_ERROR_READING_BINLOG: u16 = 1236;
+/// Server error "table doesn't exist".
+const ER_NO_SUCH_TABLE: u16 = 1146;
 
 /// What the server is, as far as the producer cares.
 #[derive(Debug, Clone)]
@@ -86,8 +89,8 @@ struct StreamState {
     caught_up: bool,
     last_commit_ms: u64,
     intents: Vec<Intent>,
-    /// Cascading foreign keys by parent `database.table`, children with rules only.
-    fks: HashMap<String, Vec<ForeignKey>>,
+    /// Cascade paths by parent `database.table`, each ending at a table with rules.
+    fks: BTreeMap<String, Vec<CascadeChain>>,
     /// A DDL statement passed: foreign keys must be read again before the next table map.
     fks_stale: bool,
     /// Since the last progress line: rows of watched tables, batches sent.
@@ -323,7 +326,7 @@ impl BinlogSource {
         shutdown: &CancellationToken,
     ) -> Result<(), SourceError> {
         let mut conn = self.connect().await?;
-        let fks = load_foreign_keys(&mut conn, &self.rules).await?;
+        let fks = load_cascades(&mut conn, &self.rules).await?;
         let hb_ns = self.config.source.binlog_heartbeat_secs.max(1) * 1_000_000_000;
         conn.query_drop(format!("SET @master_heartbeat_period = {hb_ns}"))
             .await?;
@@ -425,7 +428,7 @@ impl BinlogSource {
                     if st.fks_stale {
                         // After DDL: constraints may have changed. Read them on a side connection.
                         let mut side = self.connect().await?;
-                        st.fks = load_foreign_keys(&mut side, &self.rules).await?;
+                        st.fks = load_cascades(&mut side, &self.rules).await?;
                         let _ = side.disconnect().await;
                         st.fks_stale = false;
                     }
@@ -517,18 +520,18 @@ impl BinlogSource {
                         .filter(|r| r.database == db && r.table == name)
                         .collect();
                     let qualified = format!("{db}.{name}");
-                    let cascades: Vec<(ForeignKey, Vec<&Rule>)> = st
+                    let cascades: Vec<(CascadeChain, Vec<&Rule>)> = st
                         .fks
                         .get(&qualified)
                         .into_iter()
                         .flatten()
-                        .map(|fk| {
-                            let child: Vec<&Rule> = self
+                        .map(|chain| {
+                            let reached: Vec<&Rule> = self
                                 .rules
                                 .iter()
-                                .filter(|r| r.qualified_table() == fk.child)
+                                .filter(|r| r.qualified_table() == chain.child())
                                 .collect();
-                            (fk.clone(), child)
+                            (chain.clone(), reached)
                         })
                         .collect();
                     let compiled = if rules.is_empty() && cascades.is_empty() {
@@ -771,105 +774,59 @@ async fn gtid_position(conn: &mut Conn) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Foreign keys whose ON DELETE / ON UPDATE action (CASCADE, SET NULL) changes rows of a table
-/// that has rules, by parent `database.table`. InnoDB applies these inside the engine and the
-/// binlog carries no child rows, so the parent's row events must stand in for them.
+/// Cascade paths by parent `database.table` ([`crate::cascade`]): every way a parent change
+/// reaches, through foreign keys InnoDB applies unlogged, a table with rules — at any depth and
+/// through tables without rules. Each parent's paths are logged at info, one line per table.
 ///
-/// Read from `SHOW CREATE TABLE` of each table with rules: MariaDB hides
-/// `information_schema.REFERENTIAL_CONSTRAINTS` rows from an account with only SELECT.
-pub async fn load_foreign_keys(
+/// Foreign keys are read from `SHOW CREATE TABLE` (MariaDB hides
+/// `information_schema.REFERENTIAL_CONSTRAINTS` rows from an account with only SELECT), first of
+/// each table with rules, then of each table a cascading key of those points at, and so on up.
+pub async fn load_cascades(
     conn: &mut Conn,
     rules: &[Rule],
-) -> Result<HashMap<String, Vec<ForeignKey>>, SourceError> {
-    let mut tables: Vec<(&str, &str)> = rules
-        .iter()
-        .map(|r| (r.database.as_str(), r.table.as_str()))
-        .collect();
-    tables.sort_unstable();
-    tables.dedup();
-    let mut out: HashMap<String, Vec<ForeignKey>> = HashMap::new();
-    for (db, table) in tables {
-        let row: Option<(String, String)> = conn
+) -> Result<BTreeMap<String, Vec<CascadeChain>>, SourceError> {
+    let ruled: BTreeSet<String> = rules.iter().map(Rule::qualified_table).collect();
+    let mut to_read: Vec<String> = ruled.iter().cloned().collect();
+    let mut read: BTreeSet<String> = BTreeSet::new();
+    let mut fks = Vec::new();
+    while let Some(table) = to_read.pop() {
+        if !read.insert(table.clone()) {
+            continue;
+        }
+        let Some((db, name)) = table.split_once('.') else {
+            continue;
+        };
+        let ddl: Option<(String, String)> = match conn
             .query_first(format!(
                 "SHOW CREATE TABLE `{}`.`{}`",
                 db.replace('`', "``"),
-                table.replace('`', "``")
+                name.replace('`', "``")
             ))
-            .await?;
-        let Some((_, ddl)) = row else { continue };
-        for (parent, fk) in parse_foreign_keys(db, table, &ddl) {
-            if fk.on_delete || fk.on_update {
-                debug!(%parent, child = %fk.child, fk = %fk.name, "Cascading foreign key: parent changes stand in for child rows.");
-                out.entry(parent).or_default().push(fk);
+            .await
+        {
+            Ok(row) => row,
+            // A foreign key may name a table that does not exist (foreign_key_checks=0): it has
+            // no rows, so nothing cascades from it.
+            Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_TABLE => {
+                warn!(table = %table, "A foreign key references a table that does not exist; nothing cascades from it.");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some((_, ddl)) = ddl else { continue };
+        for (parent, fk) in cascade::parse_foreign_keys(db, name, &ddl) {
+            if fk.cascades() {
+                to_read.push(parent.clone());
+                fks.push((parent, fk));
             }
         }
     }
-    Ok(out)
-}
-
-/// The foreign keys in a `SHOW CREATE TABLE` statement, with their parent `database.table`.
-pub fn parse_foreign_keys(db: &str, table: &str, ddl: &str) -> Vec<(String, ForeignKey)> {
-    fn idents(s: &str) -> Vec<String> {
-        s.split(',')
-            .map(|c| c.trim().trim_matches('`').replace("``", "`"))
-            .filter(|c| !c.is_empty())
-            .collect()
+    let chains = cascade::chains(&fks, |t| ruled.contains(t));
+    for (parent, paths) in &chains {
+        let listed: Vec<String> = paths.iter().map(ToString::to_string).collect();
+        info!(table = %parent, chains = %listed.join("; "), "Cascades: a change of this table's rows stands in for the rows these foreign keys change unlogged.");
     }
-    fn parens(s: &str) -> Option<(&str, &str)> {
-        let open = s.find('(')?;
-        let close = open + s[open..].find(')')?;
-        Some((&s[open + 1..close], &s[close + 1..]))
-    }
-    let changes = |line: &str, on: &str| {
-        line.find(on).is_some_and(|i| {
-            let rest = line[i + on.len()..].trim_start();
-            rest.starts_with("CASCADE") || rest.starts_with("SET NULL")
-        })
-    };
-    let mut out = Vec::new();
-    for line in ddl.lines().map(str::trim) {
-        let Some(fk_at) = line.find("FOREIGN KEY") else {
-            continue;
-        };
-        let name = line
-            .strip_prefix("CONSTRAINT ")
-            .and_then(|r| r.split('`').nth(1))
-            .unwrap_or("")
-            .to_owned();
-        let Some((child_cols, rest)) = parens(&line[fk_at..]) else {
-            continue;
-        };
-        let Some(refs_at) = rest.find("REFERENCES ") else {
-            continue;
-        };
-        let rest = &rest[refs_at + "REFERENCES ".len()..];
-        let Some(open) = rest.find('(') else { continue };
-        let target: Vec<String> = rest[..open]
-            .trim()
-            .split("`.`")
-            .map(|p| p.trim_matches('`').to_owned())
-            .collect();
-        let parent = match target.as_slice() {
-            [t] => format!("{db}.{t}"),
-            [d, t] => format!("{d}.{t}"),
-            _ => continue,
-        };
-        let Some((parent_cols, _)) = parens(rest) else {
-            continue;
-        };
-        out.push((
-            parent,
-            ForeignKey {
-                name,
-                child: format!("{db}.{table}"),
-                child_columns: idents(child_cols),
-                parent_columns: idents(parent_cols),
-                on_delete: changes(line, "ON DELETE "),
-                on_update: changes(line, "ON UPDATE "),
-            },
-        ));
-    }
-    out
+    Ok(chains)
 }
 
 /// Validate every rule against the live schema: the table exists and has every column the rule
@@ -946,31 +903,4 @@ pub async fn validate_rules(conn: &mut Conn, rules: &[Rule]) -> Result<(), Sourc
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn foreign_keys_from_show_create_table() {
-        let ddl = "CREATE TABLE `AttributeValue` (\n  `object_id` int(10) unsigned NOT NULL,\n  \
-            KEY `id-tid` (`object_id`,`object_tid`),\n  \
-            CONSTRAINT `AttributeValue-FK-object` FOREIGN KEY (`object_id`, `object_tid`) REFERENCES `Object` (`id`, `objtype_id`) ON DELETE CASCADE ON UPDATE CASCADE,\n  \
-            CONSTRAINT `AttributeValue-FK-map` FOREIGN KEY (`attr_id`) REFERENCES `AttributeMap` (`attr_id`),\n  \
-            CONSTRAINT `x` FOREIGN KEY (`owner`) REFERENCES `other`.`Owner` (`id`) ON DELETE SET NULL\n) ENGINE=InnoDB";
-        let fks = parse_foreign_keys("rt", "AttributeValue", ddl);
-        assert_eq!(fks.len(), 3);
-        assert_eq!(fks[0].0, "rt.Object");
-        assert_eq!(fks[0].1.child_columns, vec!["object_id", "object_tid"]);
-        assert_eq!(fks[0].1.parent_columns, vec!["id", "objtype_id"]);
-        assert!(fks[0].1.on_delete && fks[0].1.on_update);
-        assert_eq!(fks[0].1.name, "AttributeValue-FK-object");
-        assert!(
-            !fks[1].1.on_delete && !fks[1].1.on_update,
-            "RESTRICT by default"
-        );
-        assert_eq!(fks[2].0, "other.Owner");
-        assert!(fks[2].1.on_delete && !fks[2].1.on_update);
-    }
 }

@@ -164,12 +164,22 @@ impl TestDb {
 
     /// Run SQL statements (separated by `;`) in one session.
     pub async fn exec(&self, sql: &str) {
+        self.exec_gtid(sql).await;
+    }
+
+    /// Run SQL statements (separated by `;`) in one session; the GTID of the last transaction
+    /// (`@@last_gtid`), or "" if none was written.
+    pub async fn exec_gtid(&self, sql: &str) -> String {
         let mut conn = self.pool.get_conn().await.expect("connection");
         for stmt in split_sql(sql) {
             conn.query_drop(stmt)
                 .await
                 .unwrap_or_else(|e| panic!("statement failed: {e}\n{stmt}"));
         }
+        conn.query_first("SELECT @@last_gtid")
+            .await
+            .expect("SELECT @@last_gtid")
+            .unwrap_or_default()
     }
 }
 

@@ -4,7 +4,9 @@
 //! and columns exist, filters fit the column types) and refuses a rule on one of RackTables'
 //! views; every table is either ruled or documented as ignored in `deploy/racktables/README.md`;
 //! and writes of the kind RackTables makes yield the documented keys (realms from `objtype_id`,
-//! IPv4/IPv6 addresses as text), pool resets and cascade flushes.
+//! IPv4/IPv6 addresses as text), pool resets and cascade flushes; and that a parent's delete
+//! carries, in its own transaction, the keys (or a flush) of every rule its cascades reach at
+//! any depth, through tables without rules too.
 //! Needs `scripts/stack up` and the binaries built.
 //! Run alone: `cargo test -p rtinval-tests --test racktables_rules`.
 
@@ -310,4 +312,275 @@ async fn racktables_writes_yield_the_documented_keys() {
         |_, flushes, _| flushes.contains("cascade_underivable"),
     )
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cascades more than one level deep. InnoDB deletes the rows a parent's delete reaches, at every
+// level, without logging them: the parent's transaction must carry the keys of every rule
+// reached, or a flush of that rule's cache. Extra rules in caches of their own (beside the
+// shipped set, which keeps everything in `rt`) tell a derived key from a flush.
+// ---------------------------------------------------------------------------------------------
+
+/// What the producer published for one transaction.
+#[derive(Debug, Default)]
+struct Published {
+    /// (cache, key)
+    keys: BTreeSet<(String, String)>,
+    /// (cache, reason)
+    flushed: BTreeSet<(String, String)>,
+    pools: BTreeSet<String>,
+}
+
+impl Published {
+    fn has_key(&self, cache: &str, key: &str) -> bool {
+        self.keys.contains(&(cache.to_owned(), key.to_owned()))
+    }
+
+    fn flushed(&self, cache: &str) -> bool {
+        self.flushed.iter().any(|(c, _)| c == cache)
+    }
+
+    /// The key is purged, or its whole cache flushed.
+    fn covers(&self, cache: &str, key: &str) -> bool {
+        self.has_key(cache, key) || self.flushed(cache)
+    }
+}
+
+/// Run `sql` (one transaction) and return what the producer published for it. A sentinel
+/// transaction that publishes on both topics follows it; once the sentinel is on both topics,
+/// everything of `sql`'s transaction is too (one partition each, published in binlog order).
+async fn published_by(db: &TestDb, prefix: &str, sql: &str) -> Published {
+    let gtid = db.exec_gtid(sql).await;
+    assert!(!gtid.is_empty(), "{sql}: no transaction written");
+    let sentinel = db
+        .exec_gtid(&format!(
+            "INSERT INTO Object (name, objtype_id) VALUES ('{}', 4)",
+            unique("sentinel")
+        ))
+        .await;
+    let topics = [
+        format!("{prefix}.cache-keys"),
+        format!("{prefix}.pool-reset"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut events = Vec::new();
+        for t in &topics {
+            events.push(read_events(t).await);
+        }
+        let of = |g: &str, evs: &Vec<rtinval_schemas::Event>| {
+            evs.iter().any(|e| e.source.gtid.as_deref() == Some(g))
+        };
+        if events.iter().all(|evs| of(&sentinel, evs)) {
+            let mut out = Published::default();
+            for e in events.into_iter().flatten() {
+                if e.source.gtid.as_deref() != Some(gtid.as_str()) {
+                    continue;
+                }
+                match e.body {
+                    EventBody::CacheKeys { cache, keys } => {
+                        out.keys
+                            .extend(keys.into_iter().map(|k| (cache.clone(), k)));
+                    }
+                    EventBody::CacheFlush { cache, reason } => {
+                        out.flushed.insert((cache, reason));
+                    }
+                    EventBody::PoolReset { pools } => out.pools.extend(pools),
+                    _ => {}
+                }
+            }
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sentinel after {sql:?} was not published on both topics within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A RackTables database and a producer on the shipped rule set plus `extra_rules` (TOML of
+/// `[[rules]]` tables), running.
+async fn cascade_setup(
+    base: &str,
+    extra_rules: &str,
+) -> (TestDb, String, rtinval_tests::Proc, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(base, SCHEMA).await;
+    let prefix = unique(base);
+    let extra: toml::Table = extra_rules.parse().expect("extra rules are TOML");
+    let config = config_for(&db.name, &prefix, |c| {
+        c.insert("rules".into(), extra["rules"].clone());
+    });
+    let mut p = start_producer(dir.path(), "producer", &config);
+    p.wait_log("Streaming binlog", Duration::from_secs(30));
+    (db, prefix, p, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_virtual_service_reaches_its_enabled_servers_two_levels_down() {
+    let (db, prefix, producer, _dir) = cascade_setup(
+        "rtcascvs",
+        r#"
+        [[rules]]
+        table = "VSEnabledIPs"
+        cache = "lb"
+        keys = ["ipvs:{vs_id}"]
+
+        [[rules]]
+        table = "VSEnabledPorts"
+        cache = "lbports"
+        keys = ["ipvs:{vs_id}", "rspool:{rspool_id}"]
+        "#,
+    )
+    .await;
+    // The issue's scenario: a VS with one VIP and port, two servers enabled in it.
+    db.exec(
+        "INSERT INTO Object (id, name, objtype_id) VALUES (5, 'srv-05', 4), (6, 'srv-06', 4);\n\
+         INSERT INTO VS SET id = 1, name = 'web-vs';\n\
+         INSERT INTO VSIPs SET vs_id = 1, vip = INET6_ATON('192.0.2.8');\n\
+         INSERT INTO VSPorts SET vs_id = 1, proto = 'TCP', vport = 443;\n\
+         INSERT INTO IPv4RSPool SET id = 1, name = 'web-pool';\n\
+         INSERT INTO VSEnabledIPs (object_id, vs_id, vip, rspool_id) VALUES (5, 1, INET6_ATON('192.0.2.8'), 1), (6, 1, INET6_ATON('192.0.2.8'), 1);\n\
+         INSERT INTO VSEnabledPorts (object_id, vs_id, proto, vport, rspool_id) VALUES (5, 1, 'TCP', 443, 1), (6, 1, 'TCP', 443, 1)",
+    )
+    .await;
+    let tx = published_by(&db, &prefix, "DELETE FROM VS WHERE id = 1").await;
+    // The VS itself and its first level (VSIPs, VSPorts: ipvs:{vs_id}); `rt` is flushed in
+    // the same transaction (below), which covers its keys.
+    assert!(tx.covers("rt", "ipvs:1"), "{tx:?}");
+    // Second level, shipped rules: object:5, object:6, ipv4rspool:1 cannot be derived from
+    // the VS row, so the cache is flushed.
+    for k in ["object:5", "object:6", "ipv4rspool:1"] {
+        assert!(tx.covers("rt", k), "{k} neither purged nor flushed: {tx:?}");
+    }
+    assert!(
+        tx.flushed
+            .contains(&("rt".into(), "cascade_underivable".into())),
+        "{tx:?}"
+    );
+    // VS → VSIPs → VSEnabledIPs: vs_id is handed down both levels, so the key is exact.
+    assert!(tx.has_key("lb", "ipvs:1"), "{tx:?}");
+    assert!(!tx.flushed("lb"), "a derivable key must not flush: {tx:?}");
+    // VS → VSPorts → VSEnabledPorts: rspool_id is not handed down.
+    assert!(tx.flushed("lbports"), "{tx:?}");
+    // The start-up log names what a VS delete reaches.
+    let log = strip_ansi(&producer.log_text());
+    let line = log
+        .lines()
+        .find(|l| l.contains("Cascades:") && l.contains(&format!("table={}.VS chains=", db.name)))
+        .unwrap_or_else(|| panic!("no cascade line for VS in the log:\n{log}"));
+    assert!(
+        line.contains("→ VSIPs (VSIPs-vs_id) → VSEnabledIPs (VSEnabledIPs-FK-vs_id-vip)")
+            && line.contains("→ VSPorts (VS-vs_id) → VSEnabledPorts"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_vlan_domain_reaches_the_networks_of_its_vlans() {
+    let (db, prefix, _producer, _dir) = cascade_setup(
+        "rtcascvlan",
+        r#"
+        [[rules]]
+        table = "VLANIPv4"
+        cache = "vlanmap"
+        keys = ["vlandomain:{domain_id}"]
+
+        [[rules]]
+        table = "VLANIPv4"
+        cache = "nets"
+        keys = ["ipv4net:{ipv4net_id}"]
+        "#,
+    )
+    .await;
+    db.exec(
+        "INSERT INTO VLANValidID (vlan_id) VALUES (10);\n\
+         INSERT INTO VLANDomain (id, description) VALUES (3, 'dc1');\n\
+         INSERT INTO VLANDescription (domain_id, vlan_id, vlan_descr) VALUES (3, 10, 'servers');\n\
+         INSERT INTO IPv4Network (id, ip, mask, name) VALUES (7, INET_ATON('10.0.0.0'), 24, 'srv');\n\
+         INSERT INTO VLANIPv4 (domain_id, vlan_id, ipv4net_id) VALUES (3, 10, 7)",
+    )
+    .await;
+    let tx = published_by(&db, &prefix, "DELETE FROM VLANDomain WHERE id = 3").await;
+    // The domain, and VLANDescription (vlan:{domain_id}:{vlan_id}: vlan_id is not the domain's).
+    assert!(tx.covers("rt", "vlandomain:3"), "{tx:?}");
+    assert!(tx.covers("rt", "vlan:3:10"), "{tx:?}");
+    assert!(
+        tx.pools.contains("rtapi") && tx.pools.contains("invapi"),
+        "{tx:?}"
+    );
+    // VLANDomain → VLANDescription → VLANIPv4: domain_id handed down both levels.
+    assert!(tx.has_key("vlanmap", "vlandomain:3"), "{tx:?}");
+    assert!(!tx.flushed("vlanmap"), "{tx:?}");
+    // ipv4net_id is not.
+    assert!(tx.flushed("nets"), "{tx:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_object_reaches_the_links_of_its_ports_and_tables_without_rules() {
+    let (db, prefix, _producer, _dir) = cascade_setup(
+        "rtcascobj",
+        r#"
+        [[rules]]
+        table = "Link"
+        cache = "links"
+        keys = ["port:{porta}", "port:{portb}"]
+
+        # Reached through two tables without rules: Object → CachedPVM → CachedPAV → CachedPNV.
+        [[rules]]
+        table = "CachedPNV"
+        cache = "pnv"
+        keys = ["object:{object_id}"]
+        "#,
+    )
+    .await;
+    // Two servers, one port each, linked; a cached VLAN config of the first's port. Port's
+    // interface types are reference data the test does not need: checks off for the set-up only.
+    db.exec(
+        "SET foreign_key_checks = 0;\n\
+         INSERT INTO Object (id, name, objtype_id) VALUES (21, 'srv-21', 4), (22, 'srv-22', 4);\n\
+         INSERT INTO Port (id, object_id, name, iif_id, type) VALUES (210, 21, 'eth0', 1, 24), (220, 22, 'eth0', 1, 24);\n\
+         INSERT INTO Link (porta, portb) VALUES (210, 220);\n\
+         INSERT INTO VLANValidID (vlan_id) VALUES (10);\n\
+         INSERT INTO CachedPVM (object_id, port_name, vlan_mode) VALUES (21, 'eth0', 'trunk');\n\
+         INSERT INTO CachedPAV (object_id, port_name, vlan_id) VALUES (21, 'eth0', 10);\n\
+         INSERT INTO CachedPNV (object_id, port_name, vlan_id) VALUES (21, 'eth0', 10);\n\
+         SET foreign_key_checks = 1",
+    )
+    .await;
+    let remaining = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            use mysql_async::prelude::Queryable;
+            let mut c = pool.get_conn().await.unwrap();
+            c.query_first::<u64, _>(sql).await.unwrap().unwrap()
+        }
+    };
+    let tx = published_by(&db, &prefix, "DELETE FROM Object WHERE id = 21").await;
+    // InnoDB did cascade all three levels (so the keys below are owed).
+    assert_eq!(remaining("SELECT COUNT(*) FROM Link").await, 0);
+    assert_eq!(remaining("SELECT COUNT(*) FROM CachedPNV").await, 0);
+    assert!(tx.covers("rt", "object:21"), "{tx:?}");
+    // Object → Port: port:{id} is not the object's; object:{object_id} is.
+    assert!(tx.covers("rt", "port:210"), "{tx:?}");
+    // Object → Port → Link: both ends' port ids are underivable from the object row.
+    assert!(tx.flushed("links"), "{tx:?}");
+    // Object → CachedPVM → CachedPAV → CachedPNV: object_id handed down three levels.
+    assert!(tx.has_key("pnv", "object:21"), "{tx:?}");
+    assert!(!tx.flushed("pnv"), "{tx:?}");
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
