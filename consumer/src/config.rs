@@ -161,6 +161,17 @@ pub struct CacheConfig {
     /// The message's offset is committed after the second purge.
     #[serde(default)]
     pub second_purge_ms: u64,
+    /// Check every this many ms that the cache server is still the one this node purged (Redis
+    /// `run_id`, role and replication id; memcached pid and uptime): a server that restarted
+    /// from a snapshot, or a replica promoted in its place, may hold purged entries, so the
+    /// cache is flushed before anything more is applied and `/readyz` fails meanwhile. New
+    /// connections are checked too. 0: only new connections.
+    #[serde(default = "default_identity_check_ms")]
+    pub identity_check_ms: u64,
+}
+
+fn default_identity_check_ms() -> u64 {
+    1000
 }
 
 impl CacheConfig {

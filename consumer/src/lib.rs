@@ -69,7 +69,7 @@ pub async fn applier(
     }
     let mut caches = BTreeMap::new();
     for (name, c) in &config.caches {
-        caches.insert(name.clone(), Cache::connect(name, c).await?);
+        caches.insert(name.clone(), Cache::connect(name, c, metrics).await?);
     }
     Ok(Applier {
         pools,
@@ -90,6 +90,13 @@ pub async fn run(
     // so the action in progress at SIGTERM can finish and be committed.
     let actions_shutdown = CancellationToken::new();
     let applier = applier(&config, &metrics, &actions_shutdown).await?;
+    for (name, cache) in &applier.caches {
+        tokio::spawn(
+            cache
+                .clone()
+                .watch_identity(name.clone(), actions_shutdown.clone()),
+        );
+    }
     let consumer = subscribe::consumer(&config)?;
     let http = if config.http.listen.is_empty() {
         None

@@ -2,8 +2,9 @@
 //! (`/metrics`, `/healthz`, `/readyz`). Names are `rtinval_consumer_<what>_<unit>`; labels are
 //! bounded (`kind`, `pool`, `cache`, `reason`).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -62,6 +63,8 @@ pub struct Metrics {
     source_time_ms: Arc<AtomicU64>,
     assigned: Arc<AtomicBool>,
     max_staleness_ms: Arc<AtomicU64>,
+    /// Caches whose server restarted and that are not flushed yet, with why.
+    restarted_caches: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -181,6 +184,7 @@ impl Metrics {
             source_time_ms: Arc::new(AtomicU64::new(0)),
             assigned: Arc::new(AtomicBool::new(false)),
             max_staleness_ms: Arc::new(AtomicU64::new(30_000)),
+            restarted_caches: Arc::default(),
         }
     }
 
@@ -261,6 +265,9 @@ impl Metrics {
         if !self.assigned.load(Ordering::Relaxed) {
             return Some("not consuming yet".into());
         }
+        if let Some(reason) = self.not_ready_reason_for_caches() {
+            return Some(reason);
+        }
         let max = Duration::from_millis(self.max_staleness_ms.load(Ordering::Relaxed));
         match self.refresh_staleness() {
             None => Some("no heartbeat from the producer yet".into()),
@@ -271,6 +278,31 @@ impl Metrics {
             )),
             Some(_) => None,
         }
+    }
+
+    /// Mark `cache` as restarted and not flushed yet (`Some(why)`), or flushed again (`None`).
+    /// Returns true when the mark is new.
+    pub fn set_cache_restarted(&self, cache: &str, why: Option<&str>) -> bool {
+        let mut m = self
+            .restarted_caches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match why {
+            Some(why) => m.insert(cache.to_owned(), why.to_owned()).is_none(),
+            None => m.remove(cache).is_some(),
+        }
+    }
+
+    /// The caches a restart left unflushed, if any, as a not-ready reason.
+    pub fn not_ready_reason_for_caches(&self) -> Option<String> {
+        let m = self
+            .restarted_caches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (cache, why) = m.iter().next()?;
+        Some(format!(
+            "cache {cache} restarted ({why}): flushing it before applying more"
+        ))
     }
 
     pub fn encode(&self) -> String {

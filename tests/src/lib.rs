@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 
+pub mod proxy;
 pub mod registry;
 
 /// Connection settings of the local stack.
@@ -598,6 +599,51 @@ impl Bus {
     pub fn flush(&self) {
         use rdkafka::producer::Producer;
         self.producer.flush(Duration::from_secs(60)).expect("flush");
+    }
+}
+
+/// The `[kafka]` section of a consumer config: the stack's broker, `prefix`'s topics and a
+/// consumer group of its own (`<prefix>-node`).
+pub fn consumer_kafka_section(prefix: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n",
+        Stack::get().brokers
+    )
+}
+
+/// A private `redis-server` on `port` (loopback) with `args`, started and listening; its files
+/// (a replica's full-sync RDB too) go to `dir` unless `args` names another `--dir`.
+pub fn redis_server(dir: &Path, name: &str, port: u16, args: &[&str]) -> Proc {
+    let mut p = Proc::spawn(
+        name,
+        Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .args(args),
+        dir.join(format!("{name}.log")),
+    );
+    p.wait_port(port, Duration::from_secs(10));
+    p
+}
+
+/// Publish heartbeats until the consumer's `/readyz` answers 200.
+pub async fn wait_ready(bus: &Bus, c: &ConsumerProc, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        bus.publish(rtinval_schemas::EventBody::Heartbeat {
+            source_time: rtinval_consumer::now_ms(),
+        })
+        .await;
+        let r = http_get(&c.http, "/readyz");
+        if r.as_ref().is_some_and(|(s, _)| *s == 200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready within {timeout:?}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

@@ -19,10 +19,7 @@ use rtinval_tests::{
 };
 
 fn kafka_section(prefix: &str) -> String {
-    format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n",
-        Stack::get().brokers
-    )
+    rtinval_tests::consumer_kafka_section(prefix)
 }
 
 fn signal_pool(name: &str, pool: &StandInPool, debounce_ms: u64, max_delay_ms: u64) -> String {
@@ -1023,16 +1020,12 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
     let bus = Bus::new(&prefix).await;
     let port = rtinval_tests::free_port();
     let start_redis = |name: &str| {
-        let mut p = rtinval_tests::Proc::spawn(
+        rtinval_tests::redis_server(
+            dir.path(),
             name,
-            std::process::Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .arg("--port")
-                .arg(port.to_string()),
-            dir.path().join(format!("{name}.log")),
-        );
-        p.wait_port(port, Duration::from_secs(10));
-        p
+            port,
+            &["--save", "", "--appendonly", "no"],
+        )
     };
     let mut cache = start_redis("redis");
     let config = format!(

@@ -3,13 +3,19 @@
 //! before it was processed); a whole-cache flush is `flush_all`. A missing key counts as
 //! purged. Keys memcached cannot hold (over 250 bytes, spaces or control characters) cannot be
 //! deleted by name, so such an event flushes the cache instead — never a silent skip.
+//!
+//! After an operation on a new connection, the server's identity (`stats`: pid, uptime) is
+//! checked ([`super::identity`]) before the operation counts as applied.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_memcached::{AsciiProtocol, Client};
 use tokio::sync::Mutex;
 
+use super::identity::{Identity, Watch};
 use crate::error::CacheError;
+use crate::metrics::Metrics;
 
 /// Longest key memcached accepts.
 const MAX_KEY: usize = 250;
@@ -20,7 +26,17 @@ pub struct MemcachedCache {
     name: String,
     addr: String,
     prefix: String,
-    conn: Arc<Mutex<Option<Client>>>,
+    conn: Arc<Mutex<Connection>>,
+    watch: Arc<Watch>,
+    /// Generation of the connection whose server identity was last checked (0: none).
+    checked: Arc<AtomicU64>,
+}
+
+/// The client, and how many connections were opened so far (this one's generation).
+#[derive(Default)]
+struct Connection {
+    client: Option<Client>,
+    generation: u64,
 }
 
 /// Whether memcached can store this key.
@@ -36,17 +52,39 @@ impl MemcachedCache {
         name: &str,
         addr: &str,
         prefix: &str,
+        metrics: &Metrics,
     ) -> Result<MemcachedCache, CacheError> {
         let cache = MemcachedCache {
             name: name.to_owned(),
             addr: addr.to_owned(),
             prefix: prefix.to_owned(),
-            conn: Arc::new(Mutex::new(None)),
+            conn: Arc::default(),
+            watch: Arc::new(Watch::new(name, metrics)),
+            checked: Arc::new(AtomicU64::new(0)),
         };
-        cache
-            .with_client(|c| Box::pin(async move { c.version().await.map(|_| ()) }))
-            .await?;
+        cache.check_identity().await?;
         Ok(cache)
+    }
+
+    /// Read the server's identity (`stats`) and settle it: a changed server is flushed before
+    /// this returns.
+    pub async fn check_identity(&self) -> Result<(), CacheError> {
+        let (stats, generation) = self
+            .with_client(|c| Box::pin(async move { c.stats().await }))
+            .await?;
+        let seen = Identity::from_memcached_stats(&stats)
+            .ok_or_else(|| self.err("stats has no pid or uptime (not a memcached server?)"))?;
+        self.watch.settle(seen, || self.flush()).await?;
+        self.checked.store(generation, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// After an operation on connection `generation`: check the identity if it is new.
+    async fn checked_connection(&self, generation: u64) -> Result<(), CacheError> {
+        if self.checked.load(Ordering::Relaxed) != generation {
+            self.check_identity().await?;
+        }
+        Ok(())
     }
 
     fn err(&self, e: impl std::fmt::Display) -> CacheError {
@@ -57,31 +95,35 @@ impl MemcachedCache {
         }
     }
 
+    /// Run `op` on the connection (opened first if there is none); returns its result and the
+    /// connection's generation. An error drops the connection.
     async fn with_client<T>(
         &self,
         op: impl for<'c> FnOnce(
             &'c mut Client,
         )
             -> futures::future::BoxFuture<'c, Result<T, async_memcached::Error>>,
-    ) -> Result<T, CacheError> {
+    ) -> Result<(T, u64), CacheError> {
         let mut guard = self.conn.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
+        if guard.client.as_ref().is_none_or(Client::is_closed) {
             let connect =
                 tokio::time::timeout(std::time::Duration::from_secs(10), Client::new(&self.addr));
             let client = connect
                 .await
                 .map_err(|_| self.err("connect timed out after 10 s"))?
                 .map_err(|e| self.err(e))?;
-            *guard = Some(client);
+            guard.client = Some(client);
+            guard.generation += 1;
         }
-        let Some(client) = guard.as_mut() else {
+        let generation = guard.generation;
+        let Some(client) = guard.client.as_mut() else {
             return Err(self.err("no connection"));
         };
         let result = op(client).await;
         if result.is_err() {
-            *guard = None;
+            guard.client = None;
         }
-        result.map_err(|e| self.err(e))
+        result.map(|v| (v, generation)).map_err(|e| self.err(e))
     }
 
     /// The prefixed keys, or `None` if one of them is not a valid memcached key.
@@ -98,19 +140,22 @@ impl MemcachedCache {
 
     /// Delete `keys` (already prefixed and valid), confirmed by a round trip.
     pub async fn delete(&self, keys: Vec<Vec<u8>>) -> Result<(), CacheError> {
-        self.with_client(move |c| {
-            Box::pin(async move {
-                c.delete_multi_no_reply(&keys).await?;
-                c.version().await.map(|_| ())
+        let ((), generation) = self
+            .with_client(move |c| {
+                Box::pin(async move {
+                    c.delete_multi_no_reply(&keys).await?;
+                    c.version().await.map(|_| ())
+                })
             })
-        })
-        .await
+            .await?;
+        self.checked_connection(generation).await
     }
 
     /// `flush_all`.
     pub async fn flush(&self) -> Result<(), CacheError> {
         self.with_client(|c| Box::pin(async move { c.flush_all().await }))
             .await
+            .map(|((), _)| ())
     }
 }
 

@@ -4,6 +4,7 @@
 //! the message's offset exactly then — or never, when shutdown interrupts it.
 
 pub mod http;
+pub mod identity;
 pub mod memcached;
 pub mod pool;
 pub mod redis;
@@ -44,6 +45,8 @@ pub struct Cache {
     pub backend: Backend,
     /// Delay of the optional second purge.
     pub second_purge: Option<Duration>,
+    /// How often the server's identity is checked while idle (`None`: only on new connections).
+    pub identity_check: Option<Duration>,
 }
 
 impl Cache {
@@ -51,22 +54,64 @@ impl Cache {
     pub async fn connect(
         name: &str,
         config: &crate::config::CacheConfig,
+        metrics: &Metrics,
     ) -> Result<Cache, crate::error::CacheError> {
         let backend = match config.kind {
             crate::config::CacheKind::Redis => {
-                Backend::Redis(redis::RedisCache::connect(name, config).await?)
+                Backend::Redis(redis::RedisCache::connect(name, config, metrics).await?)
             }
             crate::config::CacheKind::Memcached => Backend::Memcached(
-                memcached::MemcachedCache::connect(name, &config.memcached_addr(), &config.prefix)
-                    .await?,
+                memcached::MemcachedCache::connect(
+                    name,
+                    &config.memcached_addr(),
+                    &config.prefix,
+                    metrics,
+                )
+                .await?,
             ),
         };
-        let second_purge =
-            (config.second_purge_ms > 0).then(|| Duration::from_millis(config.second_purge_ms));
+        let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
         Ok(Cache {
             backend,
-            second_purge,
+            second_purge: ms(config.second_purge_ms),
+            identity_check: ms(config.identity_check_ms),
         })
+    }
+
+    /// Check the server's identity ([`identity`]): a restarted or replaced server is flushed.
+    pub async fn check_identity(&self) -> Result<(), crate::error::CacheError> {
+        match &self.backend {
+            Backend::Redis(r) => r.check_identity().await,
+            Backend::Memcached(m) => m.check_identity().await,
+        }
+    }
+
+    /// Check the identity every `identity_check` until `shutdown`, so a cache that restarts
+    /// while no event arrives is flushed within that bound. Failures are logged once per
+    /// outage (the purges that fail meanwhile are retried and counted as always).
+    pub async fn watch_identity(self, name: String, shutdown: CancellationToken) {
+        let Some(every) = self.identity_check else {
+            return;
+        };
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.check_identity().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!(cache = %name, "Cache reachable again.");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    warn!(cache = %name, error = %e, "Cannot check the cache server's identity; retrying.");
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Delete `keys` (missing keys count as deleted).

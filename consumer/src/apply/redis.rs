@@ -1,11 +1,20 @@
 //! Redis purger: pipelined UNLINK of keys (chunks of 1,000 per command, one round trip per
 //! call); whole-cache flush by `SCAN MATCH prefix*` + UNLINK, or FLUSHDB when the cache owns
 //! its database. A missing key counts as purged.
+//!
+//! Each purge's pipeline starts with `CLIENT ID`: a new id means the connection manager
+//! reconnected, and the server's identity is checked ([`super::identity`]) before the purge
+//! counts as applied.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use redis::aio::ConnectionManager;
 
+use super::identity::{Identity, Watch};
 use crate::config::{CacheConfig, FlushMode, redact_url};
 use crate::error::CacheError;
+use crate::metrics::Metrics;
 
 const CHUNK: usize = 1000;
 
@@ -17,11 +26,18 @@ pub struct RedisCache {
     prefix: String,
     flush: FlushMode,
     conn: ConnectionManager,
+    watch: Arc<Watch>,
+    /// `CLIENT ID` of the connection whose server identity was last checked (-1: none).
+    checked: Arc<AtomicI64>,
 }
 
 impl RedisCache {
     /// Connect (fails fast with a clear error when Redis is unreachable at start).
-    pub async fn connect(name: &str, config: &CacheConfig) -> Result<RedisCache, CacheError> {
+    pub async fn connect(
+        name: &str,
+        config: &CacheConfig,
+        metrics: &Metrics,
+    ) -> Result<RedisCache, CacheError> {
         let url = redact_url(&config.url);
         let err = |e: redis::RedisError| CacheError {
             cache: name.to_owned(),
@@ -40,13 +56,51 @@ impl RedisCache {
             error: "connect timed out after 10 s".into(),
         })?
         .map_err(err)?;
-        Ok(RedisCache {
+        let cache = RedisCache {
             name: name.to_owned(),
             url,
             prefix: config.prefix.clone(),
             flush: config.flush_mode(),
             conn,
-        })
+            watch: Arc::new(Watch::new(name, metrics)),
+            checked: Arc::new(AtomicI64::new(-1)),
+        };
+        cache.check_identity().await?;
+        Ok(cache)
+    }
+
+    /// Read the server's identity (`INFO`, with the connection's `CLIENT ID` in the same round
+    /// trip) and settle it: a changed server is flushed before this returns.
+    pub async fn check_identity(&self) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        let (id, info): (i64, String) = redis::pipe()
+            .cmd("CLIENT")
+            .arg("ID")
+            .cmd("INFO")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let seen = Identity::from_redis_info(&info)
+            .ok_or_else(|| self.err_text("INFO has no run_id (not a Redis server?)"))?;
+        self.watch.settle(seen, || self.flush()).await?;
+        self.checked.store(id, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// After an operation on connection `id`: check the identity if that connection is new.
+    async fn checked_connection(&self, id: i64) -> Result<(), CacheError> {
+        if self.checked.load(Ordering::Relaxed) != id {
+            self.check_identity().await?;
+        }
+        Ok(())
+    }
+
+    fn err_text(&self, e: &str) -> CacheError {
+        CacheError {
+            cache: self.name.clone(),
+            url: self.url.clone(),
+            error: e.to_owned(),
+        }
     }
 
     fn err(&self, e: redis::RedisError) -> CacheError {
@@ -63,6 +117,7 @@ impl RedisCache {
             return Ok(());
         }
         let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("ID");
         for chunk in keys.chunks(CHUNK) {
             let cmd = pipe.cmd("UNLINK");
             for k in chunk {
@@ -75,9 +130,8 @@ impl RedisCache {
             cmd.ignore();
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.err(e))
+        let (id,): (i64,) = pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
+        self.checked_connection(id).await
     }
 
     /// Delete every key of the cache.
