@@ -20,6 +20,8 @@
 //!   never later than `max_delay_ms` after the first.
 
 pub mod apply;
+pub mod barrier;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -34,6 +36,7 @@ use tracing::info;
 
 use crate::apply::pool::{Debouncer, Timing};
 use crate::apply::{Applier, Cache};
+use crate::barrier::Barrier;
 use crate::config::Config;
 use crate::error::{ConfigError, ConsumerError};
 use crate::metrics::Metrics;
@@ -98,17 +101,19 @@ pub async fn run(
         );
     }
     let consumer = subscribe::consumer(&config)?;
+    let barrier = Barrier::new(&metrics);
     let http = if config.http.listen.is_empty() {
         None
     } else {
         let listener_sd = CancellationToken::new();
-        let (listen, m, sd) = (
+        let (listen, m, b, sd) = (
             config.http.listen.clone(),
             metrics.clone(),
+            barrier.clone(),
             listener_sd.clone(),
         );
         let handle = tokio::spawn(async move {
-            metrics::serve(&listen, m, sd)
+            metrics::serve(&listen, m, Some(b), sd)
                 .await
                 .map_err(|error| ConsumerError::Http { listen, error })
         });
@@ -126,9 +131,17 @@ pub async fn run(
         ),
         None => None,
     };
-    let result = Subscriber::new(config, consumer, applier, metrics, dead_letter, avro)
-        .run(shutdown)
-        .await;
+    let result = Subscriber::new(
+        config,
+        consumer,
+        applier,
+        metrics,
+        dead_letter,
+        avro,
+        barrier,
+    )
+    .run(shutdown)
+    .await;
     actions_shutdown.cancel();
     if let Some((handle, sd)) = http {
         sd.cancel();

@@ -51,6 +51,39 @@ enum Command {
     /// "was KEY invalidated, when, by which transaction?" (--why). Uses the config's kafka
     /// section; never joins the node's consumer group.
     Replay(Box<ReplayArgs>),
+    /// Wait until this node has applied a source position (read-your-writes): the writer's
+    /// barrier after COMMIT. Asks the running consumer's /wait (http.listen of the config, or
+    /// --node). With --all-nodes, waits instead until every node's consumer group has committed
+    /// past the position (from Kafka's committed offsets; about a second slower).
+    ///
+    /// Exit status: 0 applied, 3 timeout, 4 not ready (stopping, resyncing, stale), 2 bad
+    /// position or arguments, 1 other errors (no consumer answering, Kafka unreachable).
+    Wait(WaitArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct WaitArgs {
+    /// The position: MariaDB GTID(s) as `SELECT @@last_gtid` returns them after COMMIT
+    /// (0-1-17, or 0-1-17,1-2-5), a MySQL GTID set (uuid:1-100, from
+    /// session_track_gtids=OWN_GTID) or a binlog file:pos.
+    #[arg(long, value_name = "POSITION")]
+    gtid: String,
+    /// How long to wait at most.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// The node's HTTP address (host:port); default: http.listen of the config.
+    #[arg(long, conflicts_with = "all_nodes")]
+    node: Option<String>,
+    /// Wait for every node (consumer group) instead of this one.
+    #[arg(long)]
+    all_nodes: bool,
+    /// With --all-nodes: the groups are those whose name starts with this (kafka.group_id of
+    /// the nodes; the default group is rtinval-consumer-<hostname>).
+    #[arg(long, default_value = "rtinval-consumer-", requires = "all_nodes")]
+    group_prefix: String,
+    /// With --all-nodes: these groups (repeatable) instead of listing by prefix.
+    #[arg(long, requires = "all_nodes")]
+    group: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -159,6 +192,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Wait(args)) = &cli.command {
+        return wait(&config, args);
+    }
     if matches!(cli.command, Some(Command::CheckConfig)) {
         println!(
             "config OK: {} pool(s), {} cache(s), group {}",
@@ -220,6 +256,90 @@ async fn signals(shutdown: CancellationToken, path: PathBuf) {
     }
     info!("Shutdown requested; finishing current actions.");
     shutdown.cancel();
+}
+
+/// `rtinval-consumer wait`: print the answer (one JSON line) and exit with its status.
+fn wait(config: &Config, a: &WaitArgs) -> ExitCode {
+    use rtinval_schemas::position::WaitFor;
+    let fail = |code: u8, msg: String| {
+        eprintln!("rtinval-consumer wait: {msg}");
+        ExitCode::from(code)
+    };
+    let want = match WaitFor::parse(&a.gtid) {
+        Ok(w) => w,
+        Err(e) => return fail(2, e.to_string()),
+    };
+    let timeout = std::time::Duration::from_millis(a.timeout_ms);
+    if a.all_nodes {
+        use rtinval_consumer::cluster::{ClusterAnswer, wait_all_nodes};
+        return match wait_all_nodes(config, &want, &a.group_prefix, &a.group, timeout) {
+            Ok(ClusterAnswer::Applied { groups }) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"status": "applied", "position": a.gtid, "groups": groups})
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(ClusterAnswer::Timeout { lagging }) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"status": "timeout", "position": a.gtid, "lagging": lagging})
+                );
+                ExitCode::from(3)
+            }
+            Err(e) => fail(1, e),
+        };
+    }
+    let node = a.node.clone().unwrap_or_else(|| config.http.listen.clone());
+    if node.is_empty() {
+        return fail(
+            2,
+            "http.listen is empty in the config: name the node with --node host:port".into(),
+        );
+    }
+    let encoded: String = a
+        .gtid
+        .bytes()
+        .map(|b| match b {
+            b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let url = format!(
+        "http://{node}/wait?gtid={encoded}&timeout_ms={}",
+        a.timeout_ms
+    );
+    let target = match rtinval_consumer::apply::http::HttpTarget::parse(&url) {
+        Ok(t) => t,
+        Err(e) => return fail(2, e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
+    };
+    let answer =
+        runtime.block_on(target.request("GET", timeout + std::time::Duration::from_secs(5)));
+    match answer {
+        Ok((status, body)) => {
+            println!("{}", body.trim_end());
+            match status {
+                200 => ExitCode::SUCCESS,
+                504 => ExitCode::from(3),
+                503 => ExitCode::from(4),
+                400 => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+        Err(e) => fail(
+            1,
+            format!(
+                "no answer from the consumer at {node}: {e} (is it running? is http.listen right?)"
+            ),
+        ),
+    }
 }
 
 fn replay(config: &Config, a: &ReplayArgs) -> Result<(), String> {

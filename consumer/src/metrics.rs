@@ -60,6 +60,8 @@ pub struct Metrics {
     pub not_here: Counter,
     pub second_purges: Counter,
     pub cache_failures: Family<CacheLabel, Counter>,
+    /// Requests waiting on `/wait` now.
+    pub barrier_waiters: Gauge,
     source_time_ms: Arc<AtomicU64>,
     assigned: Arc<AtomicBool>,
     max_staleness_ms: Arc<AtomicU64>,
@@ -164,10 +166,16 @@ impl Metrics {
             "Delayed second purges performed",
             Counter::default()
         );
+        let barrier_waiters = reg!(
+            "rtinval_consumer_barrier_waiters",
+            "Requests waiting on /wait for a source position now",
+            Gauge::default()
+        );
         Metrics {
             registry: Arc::new(r),
             second_purges,
             cache_failures,
+            barrier_waiters,
             events_applied,
             apply_latency_seconds,
             end_to_end_latency_seconds,
@@ -313,17 +321,18 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+/// Serve `/metrics`, `/healthz`, `/readyz` and (with a barrier) `/wait` until `shutdown`.
 pub async fn serve(
     listen: &str,
     metrics: Metrics,
+    barrier: Option<crate::barrier::Barrier>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     use axum::http::StatusCode;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let (m1, m2) = (metrics.clone(), metrics);
-    let app = axum::Router::new()
+    let mut app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -352,6 +361,22 @@ pub async fn serve(
                 }
             }),
         );
+    if let Some(barrier) = barrier {
+        app = app.route(
+            "/wait",
+            get(move |uri: axum::http::Uri| {
+                let barrier = barrier.clone();
+                async move {
+                    let (status, body) = crate::barrier::http_wait(&barrier, uri.query()).await;
+                    (
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
+                }
+            }),
+        );
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -125,15 +125,10 @@ pub fn read(
     sel: &Selection,
     mut each: impl FnMut(Record) -> bool,
 ) -> Result<(), String> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", format!("rtinval-replay-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &config.kafka.options {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().map_err(|e| e.to_string())?;
+    let consumer: BaseConsumer =
+        reader_config(config, &format!("rtinval-replay-{}", std::process::id()))
+            .create()
+            .map_err(|e| e.to_string())?;
     let decoder = Decoder::new(config)?;
     let prefix = &config.kafka.topic_prefix;
     let topics: Vec<String> = if sel.topics.is_empty() {
@@ -250,12 +245,27 @@ pub fn read(
 
 /// Decodes both wire formats; Avro through the configured registry, on a runtime of its own
 /// (replay reads synchronously).
-struct Decoder {
+/// A Kafka client that reads topics without joining or committing for `group` (replay, the
+/// cluster barrier): the config's brokers and `kafka.options`.
+pub(crate) fn reader_config(config: &Config, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka.options {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Decodes JSON and (with a registry) Avro events outside an async context.
+pub(crate) struct Decoder {
     avro: Option<(AvroReader, tokio::runtime::Runtime)>,
 }
 
 impl Decoder {
-    fn new(config: &Config) -> Result<Decoder, String> {
+    pub(crate) fn new(config: &Config) -> Result<Decoder, String> {
         let avro = match &config.schema_registry {
             Some(registry) => {
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -269,7 +279,7 @@ impl Decoder {
         Ok(Decoder { avro })
     }
 
-    fn decode(&self, payload: &[u8]) -> Result<Event, DecodeError> {
+    pub(crate) fn decode(&self, payload: &[u8]) -> Result<Event, DecodeError> {
         match &self.avro {
             Some((reader, runtime)) => runtime.block_on(decode_any(payload, Some(reader))),
             None => futures::executor::block_on(decode_any(payload, None)),

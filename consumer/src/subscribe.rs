@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::apply::{Applier, Interrupted};
+use crate::barrier::Barrier;
 use crate::config::Config;
 use crate::error::ConsumerError;
 use crate::metrics::{KindLabel, Metrics};
@@ -76,6 +77,10 @@ struct Done {
     committed_at: u64,
     /// A heartbeat's source time, recorded when it completes (in message order).
     heartbeat_source_ms: Option<u64>,
+    /// Where the event came from: binlog file, offset and GTID (for the barrier).
+    source: Option<(String, u64, Option<String>)>,
+    /// The producer's `resync`: the source's positions start over.
+    source_changed: bool,
     result: Result<(), Interrupted>,
 }
 
@@ -89,6 +94,7 @@ pub struct Subscriber {
     dead_letter: Option<DeadLetter>,
     /// Reads Avro events (writer schemas by id from the registry); `None`: JSON only.
     avro: Option<AvroReader>,
+    barrier: Barrier,
 }
 
 /// Copies undecodable messages to the dead-letter topic, with where they came from.
@@ -160,6 +166,7 @@ impl Subscriber {
         metrics: Metrics,
         dead_letter: Option<DeadLetter>,
         avro: Option<AvroReader>,
+        barrier: Barrier,
     ) -> Subscriber {
         let inventory = applier.inventory();
         Subscriber {
@@ -170,6 +177,7 @@ impl Subscriber {
             metrics,
             dead_letter,
             avro,
+            barrier,
         }
     }
 
@@ -328,13 +336,13 @@ impl Subscriber {
             actions = actions.len(),
             "Local resync: reloading every pool, flushing every cache."
         );
-        self.applier
-            .apply(actions)
-            .await
-            .map_err(|_| ConsumerError::Kafka {
-                brokers: self.config.kafka.brokers.clone(),
-                error: "interrupted during the initial resync".into(),
-            })
+        self.barrier.set_resyncing(true);
+        let applied = self.applier.apply(actions).await;
+        self.barrier.set_resyncing(false);
+        applied.map_err(|_| ConsumerError::Kafka {
+            brokers: self.config.kafka.brokers.clone(),
+            error: "interrupted during the initial resync".into(),
+        })
     }
 
     /// Run until `shutdown`; returns after the final commit.
@@ -342,6 +350,7 @@ impl Subscriber {
         let Some(all) = self.partitions(&shutdown).await? else {
             return Ok(());
         };
+        self.barrier.set_partitions(all.count());
         let start = self.start_offsets(&all).await?;
         self.consumer
             .assign(&start)
@@ -362,10 +371,17 @@ impl Subscriber {
         let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, Done>> =
             FuturesOrdered::new();
         let mut messages = self.consumer.stream();
+        // Waiters on a node that turns not ready (stale, a cache restarting) are answered now.
+        let mut readiness = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = readiness.tick() => {
+                    if self.metrics.not_ready_reason().is_some() {
+                        self.barrier.recheck();
+                    }
+                }
                 Some(done) = pending.next(), if !pending.is_empty() => {
                     applied_since += 1;
                     if let Some((topic, partition, next)) = self.complete(done) {
@@ -396,7 +412,8 @@ impl Subscriber {
                 },
             }
         }
-        // Finish what is in flight (bounded), then commit synchronously.
+        // Waiters are answered now; then finish what is in flight (bounded) and commit.
+        self.barrier.stop();
         let drain = async {
             while let Some(done) = pending.next().await {
                 self.complete(done);
@@ -429,13 +446,20 @@ impl Subscriber {
         let received = Instant::now();
         let decoded = decode_any(m.payload().unwrap_or_default(), self.avro.as_ref()).await;
         let mut heartbeat_source_ms = None;
+        let (mut source, mut source_changed) = (None, false);
         let (fut, kind, committed_at) = match decoded {
             Ok(event) => {
                 debug!(%topic, partition, offset, id = %event.id, kind = %event.kind(), "Event.");
                 if let rtinval_schemas::EventBody::Resync { reason } = &event.body {
                     warn!(%topic, partition, offset, %reason, id = %event.id, "The producer asks for a resync.");
                     self.metrics.resync("producer");
+                    source_changed = true;
                 }
+                source = Some((
+                    event.source.file.clone(),
+                    event.source.pos,
+                    event.source.gtid.clone(),
+                ));
                 if let rtinval_schemas::EventBody::Heartbeat { source_time } = &event.body {
                     heartbeat_source_ms = Some(*source_time);
                 }
@@ -472,6 +496,8 @@ impl Subscriber {
                 received,
                 committed_at,
                 heartbeat_source_ms,
+                source,
+                source_changed,
                 result,
             }
         }
@@ -492,6 +518,13 @@ impl Subscriber {
         // applied, so the node's view of the source is as new as the heartbeat says.
         if let Some(t) = done.heartbeat_source_ms {
             self.metrics.observe_source_time(t);
+        }
+        if done.source_changed {
+            self.barrier.positions_restart();
+        }
+        if let Some((file, pos, gtid)) = &done.source {
+            self.barrier
+                .completed(&done.topic, done.partition, file, *pos, gtid.as_deref());
         }
         if let Some(kind) = done.kind {
             self.metrics

@@ -122,6 +122,13 @@ pub struct ProducerSettings {
     /// Milliseconds between heartbeats (freshness signal to consumers, checkpoint advance).
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// After a transaction that published events, a heartbeat follows right behind them, or —
+    /// if one went out less than this many ms ago — at the end of that window (at most one per
+    /// window, however many transactions). It tells every consumer node that the positions up
+    /// to it are complete on partitions the transaction did not touch, so `/wait` answers
+    /// promptly. 0: only the periodic heartbeat (a wait may then take up to `heartbeat_ms`).
+    #[serde(default = "default_progress_heartbeat_ms")]
+    pub progress_heartbeat_ms: u64,
     /// Distinct keys of one cache in one transaction above which the cache is flushed instead.
     #[serde(default = "default_max_keys_per_transaction")]
     pub max_keys_per_transaction: usize,
@@ -140,6 +147,7 @@ impl Default for ProducerSettings {
     fn default() -> Self {
         ProducerSettings {
             heartbeat_ms: default_heartbeat_ms(),
+            progress_heartbeat_ms: default_progress_heartbeat_ms(),
             max_keys_per_transaction: default_max_keys_per_transaction(),
             keys_per_event: default_keys_per_event(),
             checkpoint_ms: default_checkpoint_ms(),
@@ -213,6 +221,9 @@ fn default_checkpoint_key() -> String {
 }
 fn default_heartbeat_ms() -> u64 {
     1000
+}
+fn default_progress_heartbeat_ms() -> u64 {
+    5
 }
 fn default_max_keys_per_transaction() -> usize {
     10_000

@@ -363,6 +363,10 @@ impl BinlogSource {
         let mut last_received = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A heartbeat soon after published events: the barrier's proof for other partitions.
+        let progress_after = Duration::from_millis(self.config.producer.progress_heartbeat_ms);
+        let mut progress_due: Option<tokio::time::Instant> = None;
+        let mut progress_sent: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -387,6 +391,15 @@ impl BinlogSource {
                     output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
                     // Time spent waiting on a full channel (Kafka slow) is not the source's silence.
                     last_received += sending.elapsed();
+                    progress_due = None;
+                }
+                _ = tokio::time::sleep_until(progress_due.unwrap_or_else(tokio::time::Instant::now)), if progress_due.is_some() => {
+                    progress_due = None;
+                    let batch = self.heartbeat(&st);
+                    let sending = tokio::time::Instant::now();
+                    output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
+                    last_received += sending.elapsed();
+                    progress_sent = Some(sending);
                 }
                 // Its own deadline, not a timeout around `next()`: the heartbeat branch above
                 // would otherwise restart that timeout every tick and a half-open link would
@@ -436,6 +449,22 @@ impl BinlogSource {
                         st.batches_sent += 1;
                         output.send(batch).await.map_err(|_| SourceError::OutputClosed)?;
                         last_received = tokio::time::Instant::now();
+                        // Right behind the events if none went out within the window (so both
+                        // reach a node in one fetch), else once at the window's end.
+                        if progress_due.is_none() && !progress_after.is_zero() {
+                            match progress_sent {
+                                Some(t) if last_received < t + progress_after => {
+                                    progress_due = Some(t + progress_after);
+                                }
+                                _ => {
+                                    output
+                                        .send(self.heartbeat(&st))
+                                        .await
+                                        .map_err(|_| SourceError::OutputClosed)?;
+                                    progress_sent = Some(last_received);
+                                }
+                            }
+                        }
                     }
                 }
             }

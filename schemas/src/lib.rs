@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod avro;
+pub mod position;
 
 /// Version of the envelope written by this build. Bumped only with a documented migration.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -49,6 +49,17 @@ impl HttpTarget {
 
     /// Send `method` with an empty body; `Ok` on a 2xx status.
     pub async fn call(&self, method: &str, timeout: Duration) -> Result<(), String> {
+        let (status, _) = self.request(method, timeout).await?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
+        }
+    }
+
+    /// Send `method` with an empty body; the status and the body (read to its
+    /// `Content-Length`, or to the end of the connection).
+    pub async fn request(&self, method: &str, timeout: Duration) -> Result<(u16, String), String> {
         let run = async {
             let mut s = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
                 .await
@@ -60,35 +71,49 @@ impl HttpTarget {
             s.write_all(req.as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut head = Vec::with_capacity(256);
-            let mut buf = [0u8; 256];
-            while !head.windows(2).any(|w| w == b"\r\n") {
+            let mut data = Vec::with_capacity(512);
+            let mut buf = [0u8; 1024];
+            let header_end = loop {
+                if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
                 let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
                 if n == 0 {
-                    return Err("connection closed before a status line".to_owned());
+                    return Err("connection closed before a complete response head".to_owned());
                 }
-                head.extend_from_slice(&buf[..n]);
-            }
-            let line = String::from_utf8_lossy(&head);
-            let status: u16 = line
+                data.extend_from_slice(&buf[..n]);
+            };
+            let head = String::from_utf8_lossy(&data[..header_end]).into_owned();
+            let status: u16 = head
                 .split_whitespace()
                 .nth(1)
                 .and_then(|c| c.parse().ok())
                 .ok_or_else(|| {
                     format!(
                         "not an HTTP response: {:?}",
-                        line.lines().next().unwrap_or("")
+                        head.lines().next().unwrap_or("")
                     )
                 })?;
-            if (200..300).contains(&status) {
-                Ok(())
-            } else {
-                Err(format!("status {status}"))
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())
+                    .flatten()
+            });
+            let mut body = data[header_end..].to_vec();
+            while length.is_none_or(|n| body.len() < n) {
+                let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&buf[..n]);
             }
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
         };
         tokio::time::timeout(timeout, run)
             .await
-            .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+            .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
     }
 }
 
