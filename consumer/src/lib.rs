@@ -8,7 +8,9 @@
 //!     → apply (pool: debounced reloads; redis: pipelined UNLINK) → offset stored → committed
 //! ```
 //!
-//! Plus [`config`] (TOML), [`error`] and [`metrics`] (Prometheus, probes).
+//! Completed messages feed [`barrier`] (the node's applied source position, and `/wait`);
+//! [`cluster`] answers the same for every node from Kafka's committed offsets; [`replay`] reads
+//! the topics back. Plus [`config`] (TOML), [`error`] and [`metrics`] (Prometheus, probes).
 //!
 //! Guarantees:
 //! - **Commit after apply.** A message's offset is stored only when all its actions succeeded
@@ -18,6 +20,11 @@
 //!   reloads every pool and flushes every cache of this node, counted by reason.
 //! - **Coalesced reloads.** Reset requests for a pool within `debounce_ms` become one reload,
 //!   never later than `max_delay_ms` after the first.
+//! - **A cache that goes back in time is flushed.** A cache server whose identity changed
+//!   (restart from a snapshot, promoted replica) is flushed before anything more is applied
+//!   to it ([`apply::identity`]).
+//! - **Read-your-writes.** `/wait` answers 200 only once every event up to the position is
+//!   applied on this node; every other outcome is an answer too (504, 503, 400), never a hang.
 
 pub mod apply;
 pub mod barrier;

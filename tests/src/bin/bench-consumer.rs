@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
 use rtinval_tests::{
-    Bus, ConsumerProc, PrivateBroker, Stack, StandInPool, redis, unique, wait_sync,
+    Bus, ConsumerProc, PrivateBroker, Stack, StandInPool, clk_tck, proc_stats, redis, unique,
+    wait_sync,
 };
 
 struct Args {
@@ -47,33 +48,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-/// (utime + stime in clock ticks, VmRSS kB, VmHWM kB) of a process.
-fn proc_stats(pid: u32) -> (u64, u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = stat.rsplit_once(')').unwrap().1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (ticks, kb("VmRSS:"), kb("VmHWM:"))
-}
-
-fn clk_tck() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

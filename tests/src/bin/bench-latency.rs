@@ -6,6 +6,13 @@
 //! (the consumer's `fetch.wait.max.ms`: every rate runs once per setting, each with a node of its
 //! own; 50 is the consumer's default). Prints p50, p99 and max per setting and rate and writes
 //! `target/bench/latency.json`. Run with `scripts/bench`.
+//!
+//! Read-your-writes barrier, on the same node and in the same run: at each rate, every write is
+//! followed by its writer's `GET /wait?gtid=<@@last_gtid>` (one task per write), timed from
+//! COMMIT returned to the 200, beside the same writes' purge latency (the barrier cannot beat
+//! the purge). Then 10,000 concurrent waiters on the first setting's node: the consumer's CPU
+//! and RSS while they wait, against the same node idle, and how long one commit takes to
+//! release them all. Written to `target/bench/barrier.json`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed step aborts it
 
@@ -18,8 +25,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use redis::AsyncCommands;
+use rtinval_consumer::apply::http::HttpTarget;
 use rtinval_tests::{
-    ConsumerProc, PrivateBroker, Proc, Stack, TestDb, server_id, unique, wait_sync,
+    ConsumerProc, PrivateBroker, Proc, Stack, TestDb, clk_tck, proc_stats, server_id, unique,
+    wait_sync,
 };
 
 struct Args {
@@ -102,7 +111,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn main() {
     let a = args();
     let s = Stack::get();
-    let total = a.samples * (a.rates.len() * a.fetch_waits.len()) as u64;
+    // Each rate runs twice per setting: purge latency, then the barrier.
+    let total = 2 * a.samples * (a.rates.len() * a.fetch_waits.len()) as u64 + 2;
     let db = TestDb::create(
         "latency",
         "CREATE TABLE Object (id INT UNSIGNED PRIMARY KEY, name CHAR(64), label CHAR(64)) ENGINE=InnoDB",
@@ -172,6 +182,8 @@ async fn main() {
     });
 
     let mut results = Vec::new();
+    let mut barrier_rows = Vec::new();
+    let mut waiters_row = None;
     let mut next_id = 1u64;
     for &wait in &a.fetch_waits {
         // A node per setting: its own group, started after everything before it was applied.
@@ -251,6 +263,24 @@ async fn main() {
                 lat.last().copied().unwrap_or(f64::NAN),
             ));
         }
+        for &rate in &a.rates {
+            barrier_rows.push(
+                barrier_rate(
+                    &db,
+                    &consumer,
+                    &deleted,
+                    &key_prefix,
+                    wait,
+                    rate,
+                    a.samples,
+                    &mut next_id,
+                )
+                .await,
+            );
+        }
+        if waiters_row.is_none() {
+            waiters_row = Some(many_waiters(&db, &consumer, 10_000, &mut next_id).await);
+        }
         drop(consumer);
     }
     let _: () = redis::cmd("CONFIG")
@@ -288,8 +318,241 @@ async fn main() {
     )
     .unwrap();
     println!("wrote {}", out.join("latency.json").display());
+
+    println!(
+        "\nread-your-writes barrier: COMMIT returned → /wait answered 200, beside the same writes' purge"
+    );
+    println!(
+        "{:>14} {:>8} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>12}",
+        "fetch wait ms",
+        "tx/s",
+        "achieved",
+        "samples",
+        "not 200",
+        "wait p50 ms",
+        "wait p99 ms",
+        "purge p50",
+        "purge p99"
+    );
+    let mut bjson = Vec::new();
+    for r in &barrier_rows {
+        println!(
+            "{:>14} {:>8} {:>10.0} {:>8} {:>8} {:>12.2} {:>12.2} {:>12.2} {:>12.2}",
+            r.fetch_wait,
+            r.rate,
+            r.achieved,
+            r.samples,
+            r.not_ok,
+            r.wait_p50,
+            r.wait_p99,
+            r.purge_p50,
+            r.purge_p99
+        );
+        bjson.push(serde_json::json!({"fetch_wait_max_ms": r.fetch_wait, "rate": r.rate, "achieved_tx_per_s": r.achieved,
+            "samples": r.samples, "not_200": r.not_ok, "wait_p50_ms": r.wait_p50, "wait_p99_ms": r.wait_p99,
+            "wait_max_ms": r.wait_max, "purge_p50_ms": r.purge_p50, "purge_p99_ms": r.purge_p99}));
+    }
+    let w = waiters_row.expect("the waiters phase ran");
+    println!(
+        "\n{} concurrent waiters on one node (fetch wait {} ms)",
+        w.waiters, a.fetch_waits[0]
+    );
+    println!("{:>22} {:>14} {:>14}", "", "idle", "with waiters");
+    println!(
+        "{:>22} {:>14.1} {:>14.1}",
+        "consumer CPU %", w.idle_cpu, w.waiting_cpu
+    );
+    println!(
+        "{:>22} {:>14.1} {:>14.1}",
+        "consumer RSS MB", w.idle_rss_mb, w.waiting_rss_mb
+    );
+    println!(
+        "one commit released all {} in {:.0} ms ({} answered 200)",
+        w.waiters, w.release_ms, w.released_ok
+    );
+    std::fs::write(
+        out.join("barrier.json"),
+        serde_json::to_string_pretty(&serde_json::json!({"rates": bjson, "waiters": {
+            "waiters": w.waiters, "idle_cpu_percent": w.idle_cpu, "waiting_cpu_percent": w.waiting_cpu,
+            "idle_rss_mb": w.idle_rss_mb, "waiting_rss_mb": w.waiting_rss_mb,
+            "release_ms": w.release_ms, "released_200": w.released_ok}}))
+        .unwrap(),
+    )
+    .unwrap();
+    println!("wrote {}", out.join("barrier.json").display());
+    assert!(
+        barrier_rows.iter().all(|r| r.not_ok == 0) && w.released_ok == w.waiters,
+        "some waits did not answer 200"
+    );
     assert!(
         results.iter().all(|r| r.4 == 0),
         "some invalidations never arrived"
     );
+}
+
+struct BarrierRow {
+    fetch_wait: u64,
+    rate: u64,
+    achieved: f64,
+    samples: usize,
+    not_ok: usize,
+    wait_p50: f64,
+    wait_p99: f64,
+    wait_max: f64,
+    purge_p50: f64,
+    purge_p99: f64,
+}
+
+/// `GET /wait` on the node; the status.
+async fn wait_on(node: &str, gtid: &str, timeout_ms: u64) -> u16 {
+    let url = format!("http://{node}/wait?gtid={gtid}&timeout_ms={timeout_ms}");
+    match HttpTarget::parse(&url)
+        .unwrap()
+        .request("GET", Duration::from_millis(timeout_ms + 10_000))
+        .await
+    {
+        Ok((status, _)) => status,
+        Err(_) => 0,
+    }
+}
+
+/// Writes at `rate`, each followed by its writer's wait (a task per write, so a slow wait does
+/// not slow the writes): commit-to-200 times beside the same writes' purge times.
+#[allow(clippy::too_many_arguments)]
+async fn barrier_rate(
+    db: &TestDb,
+    node: &ConsumerProc,
+    deleted: &Arc<Mutex<HashMap<String, Instant>>>,
+    key_prefix: &str,
+    fetch_wait: u64,
+    rate: u64,
+    samples: u64,
+    next_id: &mut u64,
+) -> BarrierRow {
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(samples as usize);
+    for i in 0..samples {
+        tokio::time::sleep_until((start + interval * i as u32).into()).await;
+        let id = *next_id;
+        *next_id += 1;
+        let (pool, http, key) = (
+            db.pool.clone(),
+            node.http.clone(),
+            format!("{key_prefix}object:{id}"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let gtid: String = {
+                let mut c = pool.get_conn().await.unwrap();
+                c.exec_drop("UPDATE Object SET label = 'y' WHERE id = ?", (id,))
+                    .await
+                    .unwrap();
+                c.query_first("SELECT @@last_gtid").await.unwrap().unwrap()
+            };
+            let committed = Instant::now();
+            let status = wait_on(&http, &gtid, 10_000).await;
+            (key, committed, status, committed.elapsed())
+        }));
+    }
+    let achieved = samples as f64 / start.elapsed().as_secs_f64();
+    let done: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let seen = deleted.lock().unwrap().clone();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut waits: Vec<f64> = done
+        .iter()
+        .filter(|r| r.2 == 200)
+        .map(|r| ms(r.3))
+        .collect();
+    let mut purges: Vec<f64> = done
+        .iter()
+        .filter_map(|(k, t, _, _)| seen.get(k).map(|d| ms(d.saturating_duration_since(*t))))
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    purges.sort_by(f64::total_cmp);
+    BarrierRow {
+        fetch_wait,
+        rate,
+        achieved,
+        samples: done.len(),
+        not_ok: done.len() - waits.len(),
+        wait_p50: percentile(&waits, 0.5),
+        wait_p99: percentile(&waits, 0.99),
+        wait_max: waits.last().copied().unwrap_or(f64::NAN),
+        purge_p50: percentile(&purges, 0.5),
+        purge_p99: percentile(&purges, 0.99),
+    }
+}
+
+struct WaitersRow {
+    waiters: usize,
+    idle_cpu: f64,
+    waiting_cpu: f64,
+    idle_rss_mb: f64,
+    waiting_rss_mb: f64,
+    release_ms: f64,
+    released_ok: usize,
+}
+
+/// `n` concurrent waiters for the next transaction: the node's CPU and RSS while they wait,
+/// against the node idle, and the time one commit takes to release them all.
+async fn many_waiters(db: &TestDb, node: &ConsumerProc, n: usize, next_id: &mut u64) -> WaitersRow {
+    let pid = node.proc.pid();
+    let tck = clk_tck();
+    let measure = |secs: u64| async move {
+        let (t0, _, _) = proc_stats(pid);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let (t1, rss, _) = proc_stats(pid);
+        (
+            (t1 - t0) as f64 / tck / secs as f64 * 100.0,
+            rss as f64 / 1024.0,
+        )
+    };
+    let (idle_cpu, idle_rss_mb) = measure(3).await;
+    let mut conn = db.pool.get_conn().await.unwrap();
+    let write = |id: u64| format!("UPDATE Object SET label = 'w' WHERE id = {id}");
+    conn.query_drop(write(*next_id)).await.unwrap();
+    *next_id += 1;
+    let last: String = conn
+        .query_first("SELECT @@last_gtid")
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, seq) = last.rsplit_once('-').unwrap();
+    let target = format!("{head}-{}", seq.parse::<u64>().unwrap() + 1);
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (http, target) = (node.http.clone(), target.clone());
+            tokio::spawn(async move { wait_on(&http, &target, 120_000).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.metric("rtinval_consumer_barrier_waiters") < n as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "the waiters did not all register"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (waiting_cpu, waiting_rss_mb) = measure(3).await;
+    let released = Instant::now();
+    conn.query_drop(write(*next_id)).await.unwrap();
+    *next_id += 1;
+    let statuses = futures::future::join_all(tasks).await;
+    let release_ms = released.elapsed().as_secs_f64() * 1000.0;
+    WaitersRow {
+        waiters: n,
+        idle_cpu,
+        waiting_cpu,
+        idle_rss_mb,
+        waiting_rss_mb,
+        release_ms,
+        released_ok: statuses
+            .into_iter()
+            .filter(|s| matches!(s, Ok(200)))
+            .count(),
+    }
 }
