@@ -245,9 +245,9 @@ impl Config {
             path: path.display().to_string(),
             error: e,
         })?;
-        let mut config = Config::parse(&text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),
-            error: e,
+            error: rtinval_schemas::config_file::parse_error(&text, &e),
         })?;
         if let Ok(password) = std::env::var("RTINVAL_REDIS_PASSWORD") {
             for cache in config.caches.values_mut() {
@@ -262,7 +262,10 @@ impl Config {
             config.kafka.group_id = Some(group);
         }
         config.schema_registry = config.schema_registry.take().map(|r| r.with_env());
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
+            e => e,
+        })?;
         Ok(config)
     }
 
@@ -275,7 +278,22 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.kafka.brokers.trim().is_empty() {
-            return invalid("kafka.brokers is empty".into());
+            return invalid(
+                "kafka.brokers is empty; set it to the bootstrap servers (host:port[,host:port])"
+                    .into(),
+            );
+        }
+        if self.node.max_staleness_secs == 0 {
+            return invalid(
+                "node.max_staleness_secs = 0 would keep the node never ready; use at least 1 (default 30)"
+                    .into(),
+            );
+        }
+        if !self.http.listen.is_empty() && !valid_listen(&self.http.listen) {
+            return invalid(format!(
+                "http.listen {:?} is not host:port; use e.g. \"127.0.0.1:9465\", or \"\" to disable the endpoint",
+                self.http.listen
+            ));
         }
         if let Some(registry) = &self.schema_registry {
             registry.validate().map_err(ConfigError::Invalid)?;
@@ -357,7 +375,10 @@ impl Config {
             }
         }
         if self.pools.is_empty() && self.caches.is_empty() {
-            return invalid("no pools and no caches: this node would apply nothing".into());
+            return invalid(
+                "no pools and no caches: this node would apply nothing; add a [pools.NAME] or [caches.NAME] section"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -390,6 +411,13 @@ impl Config {
     pub fn max_staleness(&self) -> Duration {
         Duration::from_secs(self.node.max_staleness_secs)
     }
+}
+
+/// `host:port` with a port number (the host may be a name, an IPv4 or a bracketed IPv6 address).
+pub fn valid_listen(listen: &str) -> bool {
+    listen
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }
 
 /// `USR2`, `SIGUSR2`, `hup` → a signal.

@@ -7,7 +7,7 @@ use thiserror::Error;
 pub enum ConfigError {
     #[error("cannot read config {path}: {error}")]
     Read { path: String, error: std::io::Error },
-    #[error("config {path} is not valid: {error}")]
+    #[error("config {path} {error}")]
     Parse { path: String, error: String },
     #[error("config: {0}")]
     Invalid(String),
@@ -61,7 +61,9 @@ pub enum ConsumerError {
     Cache(#[from] CacheError),
     #[error("Kafka ({brokers}): {error}")]
     Kafka { brokers: String, error: String },
-    #[error("HTTP endpoint {listen}: {error}")]
+    #[error(
+        "http.listen {listen}: {error}; choose a free address (another process may hold it), or \"\" to disable the endpoint"
+    )]
     Http {
         listen: String,
         error: std::io::Error,

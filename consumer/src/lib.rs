@@ -39,7 +39,7 @@ pub mod subscribe;
 use std::collections::BTreeMap;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::apply::pool::{Debouncer, Timing};
 use crate::apply::{Applier, Cache};
@@ -56,12 +56,32 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Connect to every cache and start every pool's debouncer.
+/// Connect to every cache (failing at the first that cannot be reached: `replay --apply`) and
+/// start every pool's debouncer.
 pub async fn applier(
     config: &Config,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<Applier, ConsumerError> {
+    let pools = pools(config, metrics, shutdown)?;
+    let mut caches = BTreeMap::new();
+    for (name, c) in &config.caches {
+        caches.insert(name.clone(), Cache::connect(name, c, metrics).await?);
+    }
+    Ok(Applier {
+        pools,
+        caches,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    })
+}
+
+/// Every pool's debouncer.
+fn pools(
+    config: &Config,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<BTreeMap<String, Debouncer>, ConsumerError> {
     let mut pools = BTreeMap::new();
     for (name, p) in &config.pools {
         let reload = apply::pool::reloader(name, p)
@@ -77,29 +97,55 @@ pub async fn applier(
             ),
         );
     }
-    let mut caches = BTreeMap::new();
-    for (name, c) in &config.caches {
-        caches.insert(name.clone(), Cache::connect(name, c, metrics).await?);
-    }
-    Ok(Applier {
-        pools,
-        caches,
-        metrics: metrics.clone(),
-        shutdown: shutdown.clone(),
-    })
+    Ok(pools)
 }
 
 /// Run the consumer until `shutdown` or a fatal error.
+///
+/// The HTTP endpoint comes up first, on a thread of its own, so `/healthz` and `/metrics`
+/// answer from the first moment and `/readyz` says why the node is not ready yet. A cache or
+/// the brokers unreachable at start are retried with backoff (the node stays not ready); a
+/// cache that was unreachable is flushed once reachable, before anything is applied to it.
 pub async fn run(
     config: Config,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
     metrics.set_max_staleness(config.max_staleness());
+    let barrier = Barrier::new(&metrics);
+    let http = if config.http.listen.is_empty() {
+        None
+    } else {
+        Some(metrics::serve_on_thread(
+            &config.http.listen,
+            metrics.clone(),
+            barrier.clone(),
+        )?)
+    };
     // Actions get their own token: they are cancelled only after the loop stopped reading,
     // so the action in progress at SIGTERM can finish and be committed.
     let actions_shutdown = CancellationToken::new();
-    let applier = applier(&config, &metrics, &actions_shutdown).await?;
+    let result = consume(config, metrics, barrier, &actions_shutdown, shutdown).await;
+    actions_shutdown.cancel();
+    if let Some(http) = http
+        && let Err(e) = http.stop()
+    {
+        return result.and(Err(e));
+    }
+    result
+}
+
+async fn consume(
+    config: Config,
+    metrics: Metrics,
+    barrier: Barrier,
+    actions_shutdown: &CancellationToken,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
+    let Some(applier) = applier_retrying(&config, &metrics, actions_shutdown, &shutdown).await?
+    else {
+        return Ok(());
+    };
     for (name, cache) in &applier.caches {
         tokio::spawn(
             cache
@@ -107,28 +153,10 @@ pub async fn run(
                 .watch_identity(name.clone(), actions_shutdown.clone()),
         );
     }
-    let consumer = subscribe::consumer(&config)?;
-    let barrier = Barrier::new(&metrics);
-    let http = if config.http.listen.is_empty() {
-        None
-    } else {
-        let listener_sd = CancellationToken::new();
-        let (listen, m, b, sd) = (
-            config.http.listen.clone(),
-            metrics.clone(),
-            barrier.clone(),
-            listener_sd.clone(),
-        );
-        let handle = tokio::spawn(async move {
-            metrics::serve(&listen, m, Some(b), sd)
-                .await
-                .map_err(|error| ConsumerError::Http { listen, error })
-        });
-        Some((handle, listener_sd))
-    };
+    let consumer = subscribe::consumer(&config, &metrics)?;
     info!(group = %config.group_id(), pools = config.pools.len(), caches = config.caches.len(), "Consumer running.");
     let dead_letter = match &config.kafka.dead_letter_topic {
-        Some(topic) => Some(subscribe::dead_letter(&config, topic, &actions_shutdown).await?),
+        Some(topic) => Some(subscribe::dead_letter(&config, topic, actions_shutdown).await?),
         None => None,
     };
     let avro = match &config.schema_registry {
@@ -138,7 +166,7 @@ pub async fn run(
         ),
         None => None,
     };
-    let result = Subscriber::new(
+    Subscriber::new(
         config,
         consumer,
         applier,
@@ -148,13 +176,81 @@ pub async fn run(
         barrier,
     )
     .run(shutdown)
-    .await;
-    actions_shutdown.cancel();
-    if let Some((handle, sd)) = http {
-        sd.cancel();
-        if let Ok(Err(e)) = handle.await {
-            return Err(e);
-        }
+    .await
+}
+
+/// Like [`applier`], but a cache that cannot be reached is retried with backoff until it can
+/// (or `shutdown`: `None`), and then flushed: while it was away it may have restarted or lost
+/// purges, and this node has no record of its identity from before.
+async fn applier_retrying(
+    config: &Config,
+    metrics: &Metrics,
+    actions_shutdown: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<Option<Applier>, ConsumerError> {
+    let pools = pools(config, metrics, actions_shutdown)?;
+    let connects = config
+        .caches
+        .iter()
+        .map(|(name, c)| connect_retrying(name, c, metrics, shutdown));
+    let mut caches = BTreeMap::new();
+    for (name, cache) in config
+        .caches
+        .keys()
+        .zip(futures::future::join_all(connects).await)
+    {
+        let Some(cache) = cache else { return Ok(None) };
+        caches.insert(name.clone(), cache);
     }
-    result
+    metrics.set_problem(None);
+    Ok(Some(Applier {
+        pools,
+        caches,
+        metrics: metrics.clone(),
+        shutdown: actions_shutdown.clone(),
+    }))
+}
+
+async fn connect_retrying(
+    name: &str,
+    config: &crate::config::CacheConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Option<Cache> {
+    let mut backoff = std::time::Duration::from_secs(1);
+    let mut failed = false;
+    let cache = loop {
+        match Cache::connect(name, config, metrics).await {
+            Ok(cache) => break cache,
+            Err(e) => {
+                failed = true;
+                metrics.cache_failed(name);
+                metrics.set_problem(Some(format!("{e}; retrying")));
+                warn!(cache = %name, error = %e, retry_in_secs = backoff.as_secs(), "Cache unreachable at start; retrying (the node stays not ready).");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    };
+    if failed {
+        loop {
+            match cache.flush().await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(cache = %name, error = %e, "Cannot flush the cache that was unreachable at start; retrying.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        metrics.resync("cache_unreachable_at_start");
+        metrics.cache_flushed(name);
+        info!(cache = %name, "Cache reachable: flushed it (it was unreachable at start) before applying anything.");
+    }
+    Some(cache)
 }

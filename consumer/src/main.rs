@@ -164,8 +164,10 @@ enum LogFormat {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: files, journald and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -226,7 +228,13 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 error!(error = %e, "Consumer failed.");
-                eprintln!("rtinval-consumer: {e}");
+                match e {
+                    // A key of the config file: name the file too.
+                    rtinval_consumer::error::ConsumerError::Http { .. } => {
+                        eprintln!("rtinval-consumer: {}: {e}", cli.config.display());
+                    }
+                    _ => eprintln!("rtinval-consumer: {e}"),
+                }
                 ExitCode::FAILURE
             }
         }

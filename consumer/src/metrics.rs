@@ -29,6 +29,12 @@ pub struct CacheLabel {
     pub cache: String,
 }
 
+/// A librdkafka error code (a bounded set of names).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -62,9 +68,13 @@ pub struct Metrics {
     pub cache_failures: Family<CacheLabel, Counter>,
     /// Requests waiting on `/wait` now.
     pub barrier_waiters: Gauge,
+    /// Errors librdkafka reported (connection refused, DNS, TLS, auth), by error code.
+    pub kafka_errors: Family<CodeLabel, Counter>,
     source_time_ms: Arc<AtomicU64>,
     assigned: Arc<AtomicBool>,
     max_staleness_ms: Arc<AtomicU64>,
+    /// Why the node cannot start consuming yet (a cache or Kafka unreachable), if it cannot.
+    problem: Arc<Mutex<Option<String>>>,
     /// Caches whose server restarted and that are not flushed yet, with why.
     restarted_caches: Arc<Mutex<BTreeMap<String, String>>>,
 }
@@ -166,6 +176,11 @@ impl Metrics {
             "Delayed second purges performed",
             Counter::default()
         );
+        let kafka_errors = reg!(
+            "rtinval_consumer_kafka_errors",
+            "Errors the Kafka client reported (broker unreachable, TLS, authentication), by librdkafka error code",
+            Family::<CodeLabel, Counter>::default()
+        );
         let barrier_waiters = reg!(
             "rtinval_consumer_barrier_waiters",
             "Requests waiting on /wait for a source position now",
@@ -176,6 +191,8 @@ impl Metrics {
             second_purges,
             cache_failures,
             barrier_waiters,
+            kafka_errors,
+            problem: Arc::default(),
             events_applied,
             apply_latency_seconds,
             end_to_end_latency_seconds,
@@ -271,7 +288,15 @@ impl Metrics {
     /// `None` when ready, else the reason.
     pub fn not_ready_reason(&self) -> Option<String> {
         if !self.assigned.load(Ordering::Relaxed) {
-            return Some("not consuming yet".into());
+            let problem = self
+                .problem
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            return Some(match problem {
+                Some(p) => format!("not consuming yet: {p}"),
+                None => "not consuming yet".into(),
+            });
         }
         if let Some(reason) = self.not_ready_reason_for_caches() {
             return Some(reason);
@@ -286,6 +311,22 @@ impl Metrics {
             )),
             Some(_) => None,
         }
+    }
+
+    /// What keeps the node from consuming (shown by `/readyz`), or `None` once it is solved.
+    pub fn set_problem(&self, problem: Option<String>) {
+        *self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
+    }
+
+    pub fn kafka_error(&self, code: &str) {
+        self.kafka_errors
+            .get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            })
+            .inc();
     }
 
     /// Mark `cache` as restarted and not flushed yet (`Some(why)`), or flushed again (`None`).
@@ -321,16 +362,75 @@ impl Metrics {
     }
 }
 
+/// The HTTP endpoint running on a thread of its own (see [`serve_on_thread`]).
+pub struct HttpThread {
+    stop: tokio_util::sync::CancellationToken,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+    listen: String,
+}
+
+impl HttpThread {
+    /// Stop serving (requests in flight are finished) and wait for the thread.
+    pub fn stop(self) -> Result<(), crate::error::ConsumerError> {
+        self.stop.cancel();
+        match self.thread.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(crate::error::ConsumerError::Http {
+                listen: self.listen,
+                error,
+            }),
+            Err(_) => Err(crate::error::ConsumerError::Http {
+                listen: self.listen,
+                error: std::io::Error::other("the HTTP thread panicked"),
+            }),
+        }
+    }
+}
+
+/// Bind `listen` now (an address in use is an error at once) and serve `/metrics`, `/healthz`,
+/// `/readyz` and `/wait` on a thread and runtime of their own, so nothing the consumer waits on
+/// (a blocking Kafka call at start, a cache that does not answer) can stall them.
+pub fn serve_on_thread(
+    listen: &str,
+    metrics: Metrics,
+    barrier: crate::barrier::Barrier,
+) -> Result<HttpThread, crate::error::ConsumerError> {
+    let err = |error: std::io::Error| crate::error::ConsumerError::Http {
+        listen: listen.to_owned(),
+        error,
+    };
+    let listener = std::net::TcpListener::bind(listen).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sd = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                serve(listener, metrics, Some(barrier), sd).await
+            })
+        })
+        .map_err(err)?;
+    Ok(HttpThread {
+        stop,
+        thread,
+        listen: listen.to_owned(),
+    })
+}
+
 /// Serve `/metrics`, `/healthz`, `/readyz` and (with a barrier) `/wait` until `shutdown`.
 pub async fn serve(
-    listen: &str,
+    listener: tokio::net::TcpListener,
     metrics: Metrics,
     barrier: Option<crate::barrier::Barrier>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     use axum::http::StatusCode;
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     let (m1, m2) = (metrics.clone(), metrics);
     let mut app = axum::Router::new()
         .route(

@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::error::ConsumerError;
 use crate::metrics::{KindLabel, Metrics};
 use crate::plan;
+use rtinval_schemas::kafka::KafkaContext;
 
 /// Messages whose actions may be in flight at once (back-pressure beyond this).
 const MAX_PENDING: usize = 10_000;
@@ -44,8 +45,12 @@ pub fn topics(prefix: &str) -> [String; 2] {
     ]
 }
 
-/// Build the Kafka consumer of this node.
-pub fn consumer(config: &Config) -> Result<StreamConsumer, ConsumerError> {
+/// Build the Kafka consumer of this node (its context turns librdkafka's errors into warnings,
+/// a metric and the readiness reason).
+pub fn consumer(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<StreamConsumer<KafkaContext>, ConsumerError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", config.group_id())
@@ -62,10 +67,13 @@ pub fn consumer(config: &Config) -> Result<StreamConsumer, ConsumerError> {
     for (k, v) in &config.kafka.options {
         c.set(k, v);
     }
-    c.create().map_err(|e| ConsumerError::Kafka {
-        brokers: config.kafka.brokers.clone(),
-        error: e.to_string(),
-    })
+    let m = metrics.clone();
+    let on_error = std::sync::Arc::new(move |code: &str| m.kafka_error(code));
+    c.create_with_context(KafkaContext::new(&config.kafka.brokers, on_error))
+        .map_err(|e| ConsumerError::Kafka {
+            brokers: config.kafka.brokers.clone(),
+            error: e.to_string(),
+        })
 }
 
 struct Done {
@@ -87,7 +95,7 @@ struct Done {
 /// The subscribe/plan/apply loop.
 pub struct Subscriber {
     config: Config,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<KafkaContext>,
     applier: Applier,
     inventory: plan::Inventory,
     metrics: Metrics,
@@ -161,7 +169,7 @@ impl DeadLetter {
 impl Subscriber {
     pub fn new(
         config: Config,
-        consumer: StreamConsumer,
+        consumer: StreamConsumer<KafkaContext>,
         applier: Applier,
         metrics: Metrics,
         dead_letter: Option<DeadLetter>,
@@ -192,9 +200,10 @@ impl Subscriber {
             let mut tpl = TopicPartitionList::new();
             let mut missing = Vec::new();
             for name in &names {
+                // Short: with the brokers away, the retry loop says so within seconds.
                 let md = self
                     .consumer
-                    .fetch_metadata(Some(name), TIMEOUT)
+                    .fetch_metadata(Some(name), Duration::from_secs(5))
                     .map_err(|e| ConsumerError::Kafka {
                         brokers: self.config.kafka.brokers.clone(),
                         error: e.to_string(),
@@ -345,13 +354,55 @@ impl Subscriber {
         })
     }
 
+    /// Partitions and start offsets; Kafka trouble is retried with backoff, the node staying
+    /// not ready with the cause as its reason. `None` on shutdown.
+    async fn start(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(TopicPartitionList, TopicPartitionList)>, ConsumerError> {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let attempt = match self.partitions(shutdown).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(all)) => self.start_offsets(&all).await.map(|start| (all, start)),
+                Err(e) => Err(e),
+            };
+            let e = match attempt {
+                Ok(found) => {
+                    self.metrics.set_problem(None);
+                    return Ok(Some(found));
+                }
+                Err(e) if shutdown.is_cancelled() => return Err(e),
+                Err(e) => e,
+            };
+            // Serve the client's event queue briefly (nothing is assigned yet, so no message
+            // can come): librdkafka's own reason reaches the context this way.
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.consumer.recv()).await;
+            let cause = self
+                .consumer
+                .context()
+                .last_error()
+                .unwrap_or_else(|| e.to_string());
+            let brokers = &self.config.kafka.brokers;
+            self.metrics.set_problem(Some(format!(
+                "Kafka at {brokers} unreachable: {cause}; retrying"
+            )));
+            warn!(%brokers, error = %e, %cause, retry_in_secs = backoff.as_secs(), "Cannot start consuming: Kafka unreachable; retrying (the node stays not ready).");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
     /// Run until `shutdown`; returns after the final commit.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-        let Some(all) = self.partitions(&shutdown).await? else {
+        let Some((all, start)) = self.start(&shutdown).await? else {
+            self.barrier.stop();
             return Ok(());
         };
         self.barrier.set_partitions(all.count());
-        let start = self.start_offsets(&all).await?;
         self.consumer
             .assign(&start)
             .map_err(|e| ConsumerError::Kafka {

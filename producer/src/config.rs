@@ -281,7 +281,7 @@ impl Config {
         })?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),
-            error: e.to_string(),
+            error: rtinval_schemas::config_file::parse_error(&text, &e),
         })?;
         config.rule_origins = (1..=config.rules.len())
             .map(|i| (path.display().to_string(), i))
@@ -294,7 +294,10 @@ impl Config {
             config.source.url = with_password(&config.source.url, &password)?;
         }
         config.schema_registry = config.schema_registry.take().map(|r| r.with_env());
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
+            e => e,
+        })?;
         Ok(config)
     }
 
@@ -306,7 +309,7 @@ impl Config {
         })?;
         let file: RulesFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: shown.clone(),
-            error: e.to_string(),
+            error: rtinval_schemas::config_file::parse_error(&text, &e),
         })?;
         for (name, map) in file.maps {
             if self.maps.insert(name.clone(), map).is_some() {
@@ -324,10 +327,16 @@ impl Config {
 
     /// Cross-field checks that need no server.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        mysql_async::Opts::from_url(&self.source.url)
-            .map_err(|e| ConfigError::Invalid(format!("source.url is not a mysql:// URL: {e}")))?;
+        mysql_async::Opts::from_url(&self.source.url).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "source.url is not a mysql:// URL ({e}); write mysql://user:password@host:port"
+            ))
+        })?;
         if self.kafka.brokers.trim().is_empty() {
-            return Err(ConfigError::Invalid("kafka.brokers is empty".into()));
+            return Err(ConfigError::Invalid(
+                "kafka.brokers is empty; set it to the bootstrap servers (host:port[,host:port])"
+                    .into(),
+            ));
         }
         if !valid_name(&self.kafka.topic_prefix) {
             return Err(ConfigError::Invalid(format!(
@@ -337,18 +346,32 @@ impl Config {
         }
         if self.kafka.partitions < 1 || self.kafka.replication_factor < 1 {
             return Err(ConfigError::Invalid(
-                "kafka.partitions and kafka.replication_factor must be at least 1".into(),
+                "kafka.partitions and kafka.replication_factor must be at least 1 (defaults 1, 1)"
+                    .into(),
             ));
         }
         if self.producer.heartbeat_ms == 0 || self.producer.checkpoint_ms == 0 {
             return Err(ConfigError::Invalid(
-                "producer.heartbeat_ms and producer.checkpoint_ms must be positive".into(),
+                "producer.heartbeat_ms and producer.checkpoint_ms must be positive (defaults 1000, 1000)"
+                    .into(),
             ));
         }
         if self.producer.keys_per_event == 0 {
             return Err(ConfigError::Invalid(
-                "producer.keys_per_event must be positive".into(),
+                "producer.keys_per_event must be positive (default 500)".into(),
             ));
+        }
+        if !self.http.listen.is_empty()
+            && !self
+                .http
+                .listen
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "http.listen {:?} is not host:port; use e.g. \"127.0.0.1:9464\", or \"\" to disable the endpoint",
+                self.http.listen
+            )));
         }
         match (&self.kafka.format, &self.schema_registry) {
             (WireFormat::Avro, None) => {
@@ -402,14 +425,21 @@ impl Config {
         if r.ops.is_empty() {
             return Err(at("ops is empty; the rule would never fire".into()));
         }
+        if r.cache.is_none() && !r.keys.is_empty() {
+            return Err(at(
+                "keys name no cache: add cache = \"NAME\" (the consumers' [caches.NAME] the keys belong to)"
+                    .into(),
+            ));
+        }
         if r.reset_pools.is_empty() && r.cache.is_none() {
             return Err(at(
                 "the rule does nothing: set reset_pools and/or cache + keys".into(),
             ));
         }
-        if r.cache.is_some() == r.keys.is_empty() {
+        if r.cache.is_some() && r.keys.is_empty() {
             return Err(at(
-                "cache and keys go together: a cache needs key templates".into(),
+                "cache and keys go together: a cache needs key templates (keys = [\"object:{id}\"])"
+                    .into(),
             ));
         }
         for name in r.reset_pools.iter().chain(r.cache.iter()) {

@@ -8,7 +8,7 @@ use thiserror::Error;
 pub enum ConfigError {
     #[error("cannot read config {path}: {error}")]
     Read { path: String, error: std::io::Error },
-    #[error("config {path} is not valid: {error}")]
+    #[error("config {path} {error}")]
     Parse { path: String, error: String },
     #[error("config: {0}")]
     Invalid(String),
@@ -40,6 +40,10 @@ pub enum SourceError {
         "the source account lacks a privilege: {msg}; grant REPLICATION SLAVE, BINLOG MONITOR (MySQL: REPLICATION CLIENT) on *.* and SELECT on the watched schemas"
     )]
     MissingPrivilege { msg: String },
+    #[error(
+        "the source refused the login for {url}: {msg}; the user or password in source.url is wrong (RTINVAL_SOURCE_PASSWORD overrides the password), or the account may not connect from this host"
+    )]
+    AuthenticationFailed { url: String, msg: String },
     #[error("cannot connect to the source {url}: {error}")]
     Connect {
         url: String,
@@ -82,12 +86,18 @@ impl SourceError {
     }
 }
 
-/// MySQL/MariaDB error codes that mean "the account is not allowed to".
+/// MySQL/MariaDB error codes that mean "the account is not allowed to", on a query.
+///
+/// ER_DBACCESS_DENIED, ER_ACCESS_DENIED_ERROR, ER_TABLEACCESS_DENIED, ER_COLUMNACCESS_DENIED,
+/// ER_SPECIFIC_ACCESS_DENIED. MariaDB answers a replication command without REPLICATION SLAVE
+/// with ER_ACCESS_DENIED_ERROR (1045) too; only at connect does 1045 mean a failed login
+/// ([`ER_ACCESS_DENIED_ERROR`], checked first by `source::connect`).
 pub fn is_privilege_error(code: u16) -> bool {
-    // ER_DBACCESS_DENIED, ER_ACCESS_DENIED, ER_TABLEACCESS_DENIED, ER_COLUMNACCESS_DENIED,
-    // ER_SPECIFIC_ACCESS_DENIED
     matches!(code, 1044 | 1045 | 1142 | 1143 | 1227)
 }
+
+/// ER_ACCESS_DENIED_ERROR: at connect, a wrong user or password, or a host that may not connect.
+pub const ER_ACCESS_DENIED_ERROR: u16 = 1045;
 
 /// Kafka publishing or checkpointing failed.
 #[derive(Debug, Error)]

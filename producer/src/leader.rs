@@ -35,22 +35,7 @@ impl LeaderLock {
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Option<LeaderLock>, SourceError> {
-        let opts = mysql_async::Opts::from_url(url).map_err(|e| SourceError::Stream {
-            position: String::new(),
-            error: format!("bad source.url: {e}"),
-        })?;
-        let redacted = crate::config::redact_url(url);
-        // A frozen server accepts TCP but never answers the handshake: bound the wait.
-        let connect = tokio::time::timeout(Duration::from_secs(10), Conn::new(opts))
-            .await
-            .map_err(|_| SourceError::Stream {
-                position: String::new(),
-                error: format!("no handshake from {redacted} within 10 s"),
-            })?;
-        let mut conn = connect.map_err(|error| SourceError::Connect {
-            url: redacted,
-            error,
-        })?;
+        let mut conn = crate::source::connect(url).await?;
         let mut waiting_logged = false;
         loop {
             let got: Option<Option<i64>> =

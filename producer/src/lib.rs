@@ -67,7 +67,9 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
-    #[error("HTTP endpoint {listen}: {error}")]
+    #[error(
+        "http.listen {listen}: {error}; choose a free address (another process may hold it), or \"\" to disable the endpoint"
+    )]
     Http {
         listen: String,
         error: std::io::Error,
@@ -105,13 +107,17 @@ pub async fn run(
     let http = if config.http.listen.is_empty() {
         None
     } else {
-        let (listen, m, sd) = (
-            config.http.listen.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
+        // Bound now: an address in use stops the producer at once, with the key to fix.
+        let listen = config.http.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|error| PipelineError::Http {
+                listen: listen.clone(),
+                error,
+            })?;
+        let (m, sd) = (metrics.clone(), shutdown.clone());
         Some(tokio::spawn(async move {
-            metrics::serve(&listen, m, sd)
+            metrics::serve(listener, m, sd)
                 .await
                 .map_err(|error| PipelineError::Http { listen, error })
         }))
@@ -165,7 +171,9 @@ async fn run_once(
     };
     let sd = shutdown.clone();
     stages.spawn(async move { ("leader", lock.hold(sd).await.map_err(Into::into)) });
-    publish::ensure_topics(&config.kafka, &topics).await?;
+    if !publish::ensure_topics(&config.kafka, &topics, &metrics, &shutdown).await? {
+        return Ok(());
+    }
     let wire = publish::Wire::new(&config)?;
     wire.register(&topics).await?;
     let producer = publish::producer(&config.kafka)?;

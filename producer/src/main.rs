@@ -54,8 +54,10 @@ fn long_version() -> &'static str {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: files, journald and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -112,7 +114,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         info!("Shutdown requested; finishing the current transaction.");
         sd.cancel();
     });
-    rtinval_producer::run(config, Metrics::new(), shutdown).await?;
+    let path = cli.config.display().to_string();
+    rtinval_producer::run(config, Metrics::new(), shutdown)
+        .await
+        .map_err(|e| match e {
+            // A key of the config file: name the file too.
+            e @ rtinval_producer::PipelineError::Http { .. } => anyhow::anyhow!("{path}: {e}"),
+            e => e.into(),
+        })?;
     info!("Stopped.");
     Ok(())
 }

@@ -46,7 +46,17 @@ pub struct Metrics {
     pub cache_flushes: Family<ReasonLabel, Counter>,
     pub publish_backpressure: Counter,
     pub reconnects: Counter,
+    /// Errors librdkafka reported (connection refused, DNS, TLS, auth), by error code.
+    pub kafka_errors: Family<CodeLabel, Counter>,
     ready: Arc<AtomicBool>,
+    /// Why the producer cannot stream yet (Kafka unreachable), for `/readyz`.
+    problem: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// A librdkafka error code (a bounded set of names).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,6 +142,12 @@ impl Metrics {
             "Binlog stream reconnects after a transient error",
             reconnects.clone(),
         );
+        let kafka_errors = Family::<CodeLabel, Counter>::default();
+        r.register(
+            "rtinval_producer_kafka_errors",
+            "Errors the Kafka client reported (broker unreachable, TLS, authentication), by librdkafka error code",
+            kafka_errors.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             events_published,
@@ -145,7 +161,9 @@ impl Metrics {
             cache_flushes,
             publish_backpressure,
             reconnects,
+            kafka_errors,
             ready: Arc::new(AtomicBool::new(false)),
+            problem: Arc::default(),
         }
     }
 
@@ -181,6 +199,35 @@ impl Metrics {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// What keeps the producer from streaming (shown by `/readyz`), or `None` once solved.
+    pub fn set_problem(&self, problem: Option<String>) {
+        *self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.is_ready() {
+            return None;
+        }
+        let problem = self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Some(problem.unwrap_or_else(|| "not streaming the binlog".into()))
+    }
+
+    pub fn kafka_error(&self, code: &str) {
+        self.kafka_errors
+            .get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -189,15 +236,15 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics`, `/healthz` (alive) and `/readyz` (streaming) until `shutdown`.
+/// Serve `/metrics`, `/healthz` (alive) and `/readyz` (streaming) on `listener` until
+/// `shutdown`.
 pub async fn serve(
-    listen: &str,
+    listener: tokio::net::TcpListener,
     metrics: Metrics,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     use axum::http::StatusCode;
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     let m1 = metrics.clone();
     let m2 = metrics;
     let app = axum::Router::new()
@@ -220,15 +267,11 @@ pub async fn serve(
         .route(
             "/readyz",
             get(move || {
-                let ready = m2.is_ready();
+                let reason = m2.not_ready_reason();
                 async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: not streaming the binlog\n",
-                        )
+                    match reason {
+                        None => (StatusCode::OK, "ready\n".to_owned()),
+                        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
                     }
                 }
             }),

@@ -9,15 +9,17 @@
 //! checkpoint stage in order; nothing here moves the checkpoint.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rtinval_schemas::avro::AvroWriter;
+use rtinval_schemas::kafka::KafkaContext;
 use rtinval_schemas::{Event, EventBody, HEADER_KIND, HEADER_SCHEMA_VERSION};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -96,41 +98,106 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
 }
 
 /// Create the event topics and the checkpoint topic if missing (an existing topic is fine).
-pub async fn ensure_topics(kafka: &KafkaConfig, topics: &Topics) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(kafka)
-            .create()
-            .map_err(|error| KafkaError::Client {
-                brokers: kafka.brokers.clone(),
-                error,
-            })?;
+/// Kafka unreachable (or not answering) is retried with backoff until `shutdown` (`Ok(false)`):
+/// each attempt's cause — librdkafka's own reason, such as "Connection refused" — is logged
+/// with the brokers, counted, and shown by `/readyz`.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &Topics,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<bool, KafkaError> {
+    let m = metrics.clone();
+    let context = KafkaContext::new(
+        &kafka.brokers,
+        Arc::new(move |code: &str| m.kafka_error(code)),
+    );
+    let client_err = |error| KafkaError::Client {
+        brokers: kafka.brokers.clone(),
+        error,
+    };
+    let admin: AdminClient<KafkaContext> = client_config(kafka)
+        .create_with_context(context.clone())
+        .map_err(client_err)?;
+    // The admin client never serves its event queue, where librdkafka reports the cause
+    // (connection refused, TLS, auth); a client that shares the context and is polled does.
+    let probe: BaseConsumer<KafkaContext> = client_config(kafka)
+        .create_with_context(context.clone())
+        .map_err(client_err)?;
     let rf = || TopicReplication::Fixed(kafka.replication_factor);
     let new = [
         NewTopic::new(&topics.pool_reset, kafka.partitions, rf()),
         NewTopic::new(&topics.cache_keys, kafka.partitions, rf()),
         NewTopic::new(&topics.checkpoints, 1, rf()).set("cleanup.policy", "compact"),
     ];
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new, &opts)
-        .await
-        .map_err(|e| KafkaError::CreateTopic {
-            topic: topics.pool_reset.clone(),
-            error: e.to_string(),
-        })?;
-    for r in results {
-        match r {
-            Ok(topic) => info!(%topic, "Created topic."),
-            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => debug!(%topic, "Topic exists."),
-            Err((topic, code)) => {
-                return Err(KafkaError::CreateTopic {
-                    topic,
-                    error: code.to_string(),
-                });
+    // Short attempts: an unreachable broker is reported within seconds, then retried.
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(5)))
+        .request_timeout(Some(Duration::from_secs(5)));
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let cause = match admin.create_topics(&new, &opts).await {
+            Ok(results) => {
+                let mut retry = None;
+                for r in results {
+                    match r {
+                        Ok(topic) => info!(%topic, "Created topic."),
+                        Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                            debug!(%topic, "Topic exists.");
+                        }
+                        Err((_, code)) if transient(code) => retry = Some(code.to_string()),
+                        Err((topic, code)) => {
+                            return Err(KafkaError::CreateTopic {
+                                topic,
+                                error: code.to_string(),
+                            });
+                        }
+                    }
+                }
+                match retry {
+                    None => {
+                        metrics.set_problem(None);
+                        return Ok(true);
+                    }
+                    Some(c) => c,
+                }
             }
+            Err(e) => e.to_string(),
+        };
+        if context.last_error().is_none() {
+            // Ask the probe to reach the brokers, then serve what it learnt (blocking ~1 s: a
+            // start-up path, on a multi-threaded runtime).
+            let _ = tokio::task::block_in_place(|| {
+                let _ = probe.fetch_metadata(None, Duration::from_secs(1));
+                probe.poll(Duration::from_millis(100))
+            });
         }
+        let cause = context.last_error().unwrap_or(cause);
+        metrics.set_problem(Some(format!(
+            "Kafka at {} unreachable: {cause}; retrying",
+            kafka.brokers
+        )));
+        warn!(brokers = %kafka.brokers, %cause, retry_in_secs = backoff.as_secs(), "Cannot create the topics: Kafka unreachable; retrying (not ready meanwhile).");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
-    Ok(())
+}
+
+/// Errors of topic creation worth retrying: the broker is away or busy.
+fn transient(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerNotAvailable
+            | RDKafkaErrorCode::NotController
+            | RDKafkaErrorCode::LeaderNotAvailable
+    )
 }
 
 /// Number of partitions of `topic` (waits for metadata up to 30 s).

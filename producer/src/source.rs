@@ -32,7 +32,7 @@ use crate::cascade::{self, CascadeChain};
 use crate::checkpoint::Position;
 use crate::config::{Config, Rule};
 use crate::decode::{self, RowChange, Value};
-use crate::error::{SourceError, is_privilege_error};
+use crate::error::{ER_ACCESS_DENIED_ERROR, SourceError, is_privilege_error};
 use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
 use crate::publish::Batch;
 use crate::rules::{Intent, TableRules};
@@ -114,29 +114,7 @@ impl BinlogSource {
     }
 
     async fn connect(&self) -> Result<Conn, SourceError> {
-        let opts = Opts::from_url(&self.config.source.url).map_err(|e| SourceError::Stream {
-            position: String::new(),
-            error: format!("bad source.url: {e}"),
-        })?;
-        let url = self.config.redacted_source_url();
-        // A frozen server accepts TCP but never answers the handshake: bound the wait.
-        let conn = tokio::time::timeout(Duration::from_secs(10), Conn::new(opts))
-            .await
-            .map_err(|_| SourceError::Stream {
-                position: String::new(),
-                error: format!("no handshake from {url} within 10 s"),
-            })?;
-        conn.map_err(|error| match error {
-            mysql_async::Error::Server(ref s) if is_privilege_error(s.code) => {
-                SourceError::MissingPrivilege {
-                    msg: s.message.clone(),
-                }
-            }
-            error => SourceError::Connect {
-                url: self.config.redacted_source_url(),
-                error,
-            },
-        })
+        connect(&self.config.source.url).await
     }
 
     /// The server's current position, on a connection of its own.
@@ -705,6 +683,37 @@ impl BinlogSource {
             events,
         })
     }
+}
+
+/// Connect to the source at `url`: a frozen server (TCP accepted, no handshake) is given 10 s; a
+/// failed login and a missing privilege are told apart from an unreachable server.
+pub async fn connect(url: &str) -> Result<Conn, SourceError> {
+    let opts = Opts::from_url(url).map_err(|e| SourceError::Stream {
+        position: String::new(),
+        error: format!("bad source.url: {e}"),
+    })?;
+    let redacted = crate::config::redact_url(url);
+    let conn = tokio::time::timeout(Duration::from_secs(10), Conn::new(opts))
+        .await
+        .map_err(|_| SourceError::Stream {
+            position: String::new(),
+            error: format!("no handshake from {redacted} within 10 s"),
+        })?;
+    conn.map_err(|error| match error {
+        mysql_async::Error::Server(s) if s.code == ER_ACCESS_DENIED_ERROR => {
+            SourceError::AuthenticationFailed {
+                url: redacted,
+                msg: s.message,
+            }
+        }
+        mysql_async::Error::Server(s) if is_privilege_error(s.code) => {
+            SourceError::MissingPrivilege { msg: s.message }
+        }
+        error => SourceError::Connect {
+            url: redacted,
+            error,
+        },
+    })
 }
 
 /// A server's "access denied" as [`SourceError::MissingPrivilege`], anything else as a query error.

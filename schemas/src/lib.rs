@@ -16,6 +16,8 @@
 use serde::{Deserialize, Serialize};
 
 pub mod avro;
+pub mod config_file;
+pub mod kafka;
 pub mod position;
 
 /// Version of the envelope written by this build. Bumped only with a documented migration.

@@ -743,45 +743,6 @@ async fn freshness_readiness_sighup_and_sigterm() {
     assert_no_resync(&again);
 }
 
-#[test]
-fn unreachable_cache_or_broker_at_start_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = unique("unreachable");
-    let config = format!(
-        "{}{}",
-        kafka_section(&prefix),
-        redis_cache("rt", "x:", "").replace(&Stack::get().redis_url, "redis://127.0.0.1:1")
-    );
-    let mut c = ConsumerProc::start(dir.path(), "consumer", &config);
-    let status = wait_sync("consumer exits", Duration::from_secs(30), || {
-        c.proc.try_exit()
-    });
-    assert_eq!(status.code(), Some(1));
-    let log = c.proc.log_text();
-    assert!(
-        log.contains("rtinval-consumer: cache rt (redis://127.0.0.1:1)"),
-        "{log}"
-    );
-
-    let pool = StandInPool::start(dir.path(), "pool");
-    let config = format!(
-        "{}{}",
-        kafka_section(&prefix),
-        signal_pool("rtapi", &pool, 20, 200)
-    )
-    .replace(&Stack::get().brokers, "127.0.0.1:1");
-    let mut c = ConsumerProc::start(dir.path(), "consumer-nobroker", &config);
-    let status = wait_sync("consumer exits", Duration::from_secs(60), || {
-        c.proc.try_exit()
-    });
-    assert_eq!(status.code(), Some(1));
-    let log = c.proc.log_text();
-    assert!(
-        log.contains("rtinval-consumer: Kafka (127.0.0.1:1)"),
-        "{log}"
-    );
-}
-
 /// SIGTERM while a reload runs: the reload finishes, its offset is committed, the process
 /// exits 0, and the restarted node neither reloads again nor resyncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,40 @@ async fn rules_are_checked_against_the_live_schema() {
     assert!(out.contains("table does not exist"), "{out}");
 }
 
+#[tokio::test]
+async fn a_wrong_password_is_named_as_a_failed_login_not_a_missing_grant() {
+    let db = TestDb::create("authcheck", SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Stack::get();
+    let (user_pass, host) = s.mysql_url.rsplit_once('@').unwrap();
+    let user = user_pass
+        .trim_start_matches("mysql://")
+        .split(':')
+        .next()
+        .unwrap();
+    let (code, out) = rtinval_tests::producer_check(
+        dir.path(),
+        &format!(
+            "[source]\nurl = \"mysql://{user}:not-the-password@{host}\"\ndatabase = \"{}\"\n[kafka]\nbrokers = \"{}\"\n[[rules]]\ntable = \"Object\"\nreset_pools = [\"rtapi\"]\n",
+            db.name, s.brokers
+        ),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("refused the login")
+            && out.contains("user or password in source.url is wrong"),
+        "{out}"
+    );
+    assert!(
+        !out.to_lowercase().contains("grant"),
+        "no grant advice for a failed login: {out}"
+    );
+    assert!(
+        !out.contains("not-the-password"),
+        "the password is not echoed: {out}"
+    );
+}
+
 #[test]
 fn malformed_configs_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,107 @@
+//! The Kafka client context both binaries use: librdkafka's own errors (connection refused,
+//! DNS, TLS, authentication) become a warning that names the brokers and the cause — at once,
+//! then with backoff while they repeat — a count (the caller's metric), and the newest cause,
+//! which the binaries show as their `/readyz` reason while Kafka keeps them from starting.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use tracing::warn;
+
+/// Counts one error, by librdkafka error code (a bounded set of names).
+pub type OnError = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Longest pause between two warnings about the same ongoing trouble.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Shared by the client's threads; cheap to clone.
+#[derive(Clone)]
+pub struct KafkaContext {
+    brokers: String,
+    on_error: OnError,
+    state: Arc<Mutex<LogState>>,
+}
+
+struct LogState {
+    last: Option<String>,
+    next_log: Option<Instant>,
+    backoff: Duration,
+}
+
+impl KafkaContext {
+    pub fn new(brokers: &str, on_error: OnError) -> KafkaContext {
+        KafkaContext {
+            brokers: brokers.to_owned(),
+            on_error,
+            state: Arc::new(Mutex::new(LogState {
+                last: None,
+                next_log: None,
+                backoff: Duration::from_secs(2),
+            })),
+        }
+    }
+
+    /// The newest error librdkafka reported, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .last
+            .clone()
+    }
+}
+
+impl ClientContext for KafkaContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error
+            .rdkafka_error_code()
+            .map_or_else(|| "unknown".to_owned(), |c| format!("{c:?}"));
+        (self.on_error)(&code);
+        let now = Instant::now();
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.last = Some(format!("{error}: {reason}"));
+        // A quiet minute since the last warning starts the backoff over.
+        if s.next_log.is_some_and(|t| now >= t + MAX_BACKOFF) {
+            s.backoff = Duration::from_secs(2);
+        }
+        if s.next_log.is_none_or(|t| now >= t) {
+            warn!(brokers = %self.brokers, error = %error, cause = %reason, next_warning_in_secs = s.backoff.as_secs(), "Kafka is not reachable (or refuses this client); retrying.");
+            s.next_log = Some(now + s.backoff);
+            s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+impl ConsumerContext for KafkaContext {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    #[test]
+    fn errors_are_counted_every_time_and_kept_as_the_cause() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let c = KafkaContext::new(
+            "127.0.0.1:1",
+            Arc::new(move |code: &str| s.lock().unwrap().push(code.to_owned())),
+        );
+        assert_eq!(c.last_error(), None);
+        for _ in 0..3 {
+            c.error(
+                KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+                "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused",
+            );
+        }
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        assert_eq!(seen.lock().unwrap()[0], "BrokerTransportFailure");
+        assert!(c.last_error().unwrap().contains("Connection refused"));
+    }
+}
