@@ -64,35 +64,85 @@ async fn redis_at(port: u16) -> MultiplexedConnection {
         .expect("redis")
 }
 
-async fn set(r: &mut MultiplexedConnection, key: &str) {
-    r.set::<_, _, ()>(format!("{P}{key}"), "old").await.unwrap();
+async fn mc_at(port: u16) -> async_memcached::Client {
+    async_memcached::Client::new(format!("tcp://127.0.0.1:{port}"))
+        .await
+        .expect("memcached")
 }
 
-async fn exists(r: &mut MultiplexedConnection, key: &str) -> bool {
-    r.exists(format!("{P}{key}")).await.unwrap()
+/// A cache server of either kind, by port: the test's view of it.
+#[derive(Clone, Copy)]
+enum Server {
+    Redis(u16),
+    Memcached(u16),
 }
 
-/// Purge `key` through the consumer and wait until it is gone from `r`.
-async fn purge(bus: &Bus, port: u16, key: &str) {
+impl Server {
+    fn port(self) -> u16 {
+        match self {
+            Server::Redis(p) | Server::Memcached(p) => p,
+        }
+    }
+
+    async fn set(self, key: &str) {
+        use async_memcached::AsciiProtocol;
+        let key = format!("{P}{key}");
+        match self {
+            Server::Redis(p) => redis_at(p).await.set::<_, _, ()>(key, "old").await.unwrap(),
+            Server::Memcached(p) => mc_at(p).await.set(key, "old", None, None).await.unwrap(),
+        }
+    }
+
+    async fn has(self, key: &str) -> bool {
+        use async_memcached::AsciiProtocol;
+        let key = format!("{P}{key}");
+        match self {
+            Server::Redis(p) => redis_at(p).await.exists(key).await.unwrap(),
+            Server::Memcached(p) => mc_at(p).await.get(key).await.unwrap().is_some(),
+        }
+    }
+}
+
+async fn publish_purge(bus: &Bus, key: &str) {
     bus.publish(EventBody::CacheKeys {
         cache: "rt".into(),
         keys: vec![key.into()],
     })
     .await;
+}
+
+/// Purge `key` through the consumer and wait until it is gone from `server`.
+async fn purge(bus: &Bus, server: Server, key: &str) {
+    publish_purge(bus, key).await;
     wait_for(&format!("{key} purged"), LONG, || async move {
-        (!exists(&mut redis_at(port).await, key).await).then_some(())
+        (!server.has(key).await).then_some(())
     })
     .await;
 }
 
+/// The node's cache address refuses for a while, then leads to the same `server` again: the
+/// purge published meanwhile fails, is retried and applied; nothing is flushed.
+async fn an_outage_flushes_nothing(bus: &Bus, c: &ConsumerProc, proxy: &TcpProxy, server: Server) {
+    proxy.set_target(None);
+    publish_purge(bus, "object:2").await;
+    c.wait_metric(FAILURES, 1.0, LONG);
+    proxy.set_target(Some(server.port()));
+    wait_for("object:2 purged after the outage", LONG, || async {
+        (!server.has("object:2").await).then_some(())
+    })
+    .await;
+    wait_ready(bus, c, LONG).await;
+    assert!(server.has("other").await, "an outage must not flush");
+    assert_eq!(c.metric(RESTARTS), 0.0);
+}
+
 /// The node flushed the restarted cache, counted it once, and is ready: no purged key, and no
-/// other key of the cache, is left on `port`.
-async fn assert_flushed_and_ready(bus: &Bus, c: &ConsumerProc, port: u16) {
+/// other key of the cache, is left on `server`.
+async fn assert_flushed_and_ready(bus: &Bus, c: &ConsumerProc, server: Server) {
     c.wait_metric(RESTARTS, 1.0, LONG);
     wait_ready(bus, c, LONG).await;
-    let mut r = redis_at(port).await;
-    assert!(!exists(&mut r, "object:1").await, "a purged key survived");
-    assert!(!exists(&mut r, "other").await, "the cache was not flushed");
+    assert!(!server.has("object:1").await, "a purged key survived");
+    assert!(!server.has("other").await, "the cache was not flushed");
     assert_eq!(c.metric(RESTARTS), 1.0);
     assert!(
         c.proc
@@ -107,6 +157,7 @@ async fn a_redis_restarted_from_its_snapshot_is_flushed_and_an_outage_is_not() {
     let prefix = unique("rdb");
     let bus = Bus::new(&prefix).await;
     let port = free_port();
+    let server = Server::Redis(port);
     let d = dir.path().display().to_string();
     let args = [
         "--dir",
@@ -121,32 +172,17 @@ async fn a_redis_restarted_from_its_snapshot_is_flushed_and_an_outage_is_not() {
     let mut redis = redis_server(dir.path(), "redis", port, &args);
     let proxy = TcpProxy::start(port);
     let c = start_consumer(dir.path(), &bus, &prefix, "redis", proxy.port).await;
-    let mut r = redis_at(port).await;
     for k in ["object:1", "object:2", "other"] {
-        set(&mut r, k).await;
+        server.set(k).await;
     }
-
-    // An outage of the same server: the purge published meanwhile fails, is retried and
-    // applied when the server is back; nothing is flushed.
-    proxy.set_target(None);
-    bus.publish(EventBody::CacheKeys {
-        cache: "rt".into(),
-        keys: vec!["object:2".into()],
-    })
-    .await;
-    c.wait_metric(FAILURES, 1.0, LONG);
-    proxy.set_target(Some(port));
-    wait_for("object:2 purged after the outage", LONG, || async {
-        (!exists(&mut redis_at(port).await, "object:2").await).then_some(())
-    })
-    .await;
-    wait_ready(&bus, &c, LONG).await;
-    assert!(exists(&mut r, "other").await, "an outage must not flush");
-    assert_eq!(c.metric(RESTARTS), 0.0);
+    an_outage_flushes_nothing(&bus, &c, &proxy, server).await;
 
     // The snapshot holds object:1; then the node purges it.
-    redis::cmd("SAVE").query_async::<()>(&mut r).await.unwrap();
-    purge(&bus, port, "object:1").await;
+    redis::cmd("SAVE")
+        .query_async::<()>(&mut redis_at(port).await)
+        .await
+        .unwrap();
+    purge(&bus, server, "object:1").await;
     let rdb = std::fs::read(dir.path().join("dump.rdb")).unwrap();
     assert!(
         rdb.windows(10).any(|w| w == b"c:object:1"),
@@ -155,7 +191,7 @@ async fn a_redis_restarted_from_its_snapshot_is_flushed_and_an_outage_is_not() {
     // kill -9 and a restart from the snapshot: the purged key is back on the server.
     redis.kill9();
     let _redis = redis_server(dir.path(), "redis-again", port, &args);
-    assert_flushed_and_ready(&bus, &c, port).await;
+    assert_flushed_and_ready(&bus, &c, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,6 +200,7 @@ async fn a_redis_killed_and_restarted_from_an_aof_without_the_last_purge_is_flus
     let prefix = unique("aof");
     let bus = Bus::new(&prefix).await;
     let port = free_port();
+    let server = Server::Redis(port);
     let d = dir.path().display().to_string();
     let args = [
         "--dir",
@@ -177,21 +214,20 @@ async fn a_redis_killed_and_restarted_from_an_aof_without_the_last_purge_is_flus
     ];
     let mut redis = redis_server(dir.path(), "redis", port, &args);
     let c = start_consumer(dir.path(), &bus, &prefix, "redis", port).await;
-    let mut r = redis_at(port).await;
     for k in ["object:1", "other"] {
-        set(&mut r, k).await;
+        server.set(k).await;
     }
     // The AOF as it stands before the purge (appendfsync always: both writes are in it). A
     // restart from it is what `appendfsync everysec` gives when the purge's second is lost.
     let aof = dir.path().join("appendonlydir");
     let before = dir.path().join("aof-before-purge");
     copy_dir(&aof, &before);
-    purge(&bus, port, "object:1").await;
+    purge(&bus, server, "object:1").await;
     redis.kill9();
     std::fs::remove_dir_all(&aof).unwrap();
     copy_dir(&before, &aof);
     let _redis = redis_server(dir.path(), "redis-again", port, &args);
-    assert_flushed_and_ready(&bus, &c, port).await;
+    assert_flushed_and_ready(&bus, &c, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +236,7 @@ async fn a_replica_promoted_in_place_of_the_primary_is_flushed() {
     let prefix = unique("failover");
     let bus = Bus::new(&prefix).await;
     let (a, b) = (free_port(), free_port());
+    let (primary_server, replica_server) = (Server::Redis(a), Server::Redis(b));
     let none = ["--save", "", "--appendonly", "no"];
     let mut primary = redis_server(dir.path(), "primary", a, &none);
     let replica_of = a.to_string();
@@ -219,14 +256,11 @@ async fn a_replica_promoted_in_place_of_the_primary_is_flushed() {
     );
     let proxy = TcpProxy::start(a);
     let c = start_consumer(dir.path(), &bus, &prefix, "redis", proxy.port).await;
-    let mut r = redis_at(a).await;
     for k in ["object:1", "other"] {
-        set(&mut r, k).await;
+        primary_server.set(k).await;
     }
-    let mut replica = redis_at(b).await;
     wait_for("the replica has the keys", LONG, || async {
-        let mut rr = redis_at(b).await;
-        (exists(&mut rr, "object:1").await && exists(&mut rr, "other").await).then_some(())
+        (replica_server.has("object:1").await && replica_server.has("other").await).then_some(())
     })
     .await;
     // The replica falls behind (here: it stops replicating) and is promoted; the purge reaches
@@ -234,18 +268,18 @@ async fn a_replica_promoted_in_place_of_the_primary_is_flushed() {
     redis::cmd("REPLICAOF")
         .arg("NO")
         .arg("ONE")
-        .query_async::<()>(&mut replica)
+        .query_async::<()>(&mut redis_at(b).await)
         .await
         .unwrap();
-    purge(&bus, a, "object:1").await;
+    purge(&bus, primary_server, "object:1").await;
     assert!(
-        exists(&mut replica, "object:1").await,
+        replica_server.has("object:1").await,
         "the replica lacks the purge"
     );
     // Failover: the primary dies and its address now leads to the promoted replica.
     primary.kill9();
     proxy.set_target(Some(b));
-    assert_flushed_and_ready(&bus, &c, b).await;
+    assert_flushed_and_ready(&bus, &c, replica_server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +288,7 @@ async fn a_memcached_restart_with_older_entries_is_flushed_and_an_outage_is_not(
     let prefix = unique("mcrestart");
     let bus = Bus::new(&prefix).await;
     let (a, b) = (free_port(), free_port());
+    let (first_server, restarted_server) = (Server::Memcached(a), Server::Memcached(b));
     let memcached = |name: &str, port: u16| {
         let mut p = Proc::spawn(
             name,
@@ -272,69 +307,16 @@ async fn a_memcached_restart_with_older_entries_is_flushed_and_an_outage_is_not(
     let _second = memcached("memcached-restarted", b);
     let proxy = TcpProxy::start(a);
     let c = start_consumer(dir.path(), &bus, &prefix, "memcached", proxy.port).await;
-    let mut ma = mc(a).await;
-    let mut mb = mc(b).await;
     for k in ["object:1", "object:2", "other"] {
-        mc_set(&mut ma, k).await;
-        mc_set(&mut mb, k).await;
+        first_server.set(k).await;
+        restarted_server.set(k).await;
     }
-
-    // An outage of the same server: no flush, the purge is retried.
-    proxy.set_target(None);
-    bus.publish(EventBody::CacheKeys {
-        cache: "rt".into(),
-        keys: vec!["object:2".into()],
-    })
-    .await;
-    c.wait_metric(FAILURES, 1.0, LONG);
-    proxy.set_target(Some(a));
-    wait_for("object:2 purged after the outage", LONG, || async {
-        (!mc_has(&mut mc(a).await, "object:2").await).then_some(())
-    })
-    .await;
-    wait_ready(&bus, &c, LONG).await;
-    assert!(mc_has(&mut ma, "other").await, "an outage must not flush");
-    assert_eq!(c.metric(RESTARTS), 0.0);
-
-    bus.publish(EventBody::CacheKeys {
-        cache: "rt".into(),
-        keys: vec!["object:1".into()],
-    })
-    .await;
-    wait_for("object:1 purged", LONG, || async {
-        (!mc_has(&mut mc(a).await, "object:1").await).then_some(())
-    })
-    .await;
+    an_outage_flushes_nothing(&bus, &c, &proxy, first_server).await;
+    purge(&bus, first_server, "object:1").await;
     // The restart: the process at the node's cache address is another one, with older entries.
     first.kill9();
     proxy.set_target(Some(b));
-    c.wait_metric(RESTARTS, 1.0, LONG);
-    wait_ready(&bus, &c, LONG).await;
-    let mut mb = mc(b).await;
-    assert!(!mc_has(&mut mb, "object:1").await, "a purged key survived");
-    assert!(!mc_has(&mut mb, "other").await, "the cache was not flushed");
-    assert_eq!(c.metric(RESTARTS), 1.0);
-}
-
-async fn mc(port: u16) -> async_memcached::Client {
-    async_memcached::Client::new(format!("tcp://127.0.0.1:{port}"))
-        .await
-        .expect("memcached")
-}
-
-async fn mc_set(c: &mut async_memcached::Client, key: &str) {
-    use async_memcached::AsciiProtocol;
-    c.set(format!("{P}{key}"), "old", None, None)
-        .await
-        .expect("memcached set");
-}
-
-async fn mc_has(c: &mut async_memcached::Client, key: &str) -> bool {
-    use async_memcached::AsciiProtocol;
-    c.get(format!("{P}{key}"))
-        .await
-        .expect("memcached get")
-        .is_some()
+    assert_flushed_and_ready(&bus, &c, restarted_server).await;
 }
 
 fn copy_dir(from: &Path, to: &Path) {
