@@ -4,26 +4,30 @@
 //! How a position maps to offsets: the producer publishes in binlog order, so on each partition
 //! the events of a transaction come before the first message *beyond* it — an event of a later
 //! transaction, or a heartbeat sent at or after it (heartbeats follow every transaction that
-//! published within `producer.progress_heartbeat_ms`, and every `heartbeat_ms` anyway). That
-//! message's offset is found by binary search over the partition (positions grow with offsets;
-//! where a producer restart re-published a stretch, the search may settle on a later beyond
-//! message, which only asks for more). A group whose committed offset (the next to read) is at
-//! least that offset on every partition has applied every event up to the position.
+//! published within `producer.progress_heartbeat_ms`, and every `heartbeat_ms` anyway). A group
+//! whose committed offset (the next to read) has reached that message's offset on every
+//! partition has applied every event up to the position.
 //!
-//! What a wait costs the brokers: per partition about log2(its length) one-message fetches to
-//! find the offset, then one committed-offsets request per group every 200 ms until done.
-//! Nodes commit applied offsets every second, so a cluster wait takes about a second longer
-//! than the slowest node's apply. GTID waits compare per domain (MariaDB) or source uuid (MySQL);
-//! with several MariaDB domains in use, wait on file:pos instead: heartbeats carry the last
-//! transaction's GTID only.
+//! A [`ClusterWatch`] follows both topics from their end as it starts (one reader for any number
+//! of waits) and polls every group's committed offsets every 200 ms. A wait takes the first
+//! message beyond its position that the watch has seen: if a message beyond it was published
+//! before the watch started, a later one is taken, which only asks for more, never less.
+//!
+//! What it costs the brokers: one consumer reading the event topics, and one committed-offsets
+//! request per group every 200 ms, however many waits. Nodes commit applied offsets every
+//! second, so a cluster wait takes about a second longer than the slowest node's apply. GTID
+//! waits compare per domain (MariaDB) or source uuid (MySQL); with several MariaDB domains in
+//! use, wait on file:pos instead: heartbeats carry the last transaction's GTID only.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use rtinval_schemas::EventBody;
 use rtinval_schemas::position::{FilePos, GtidState, Reached, WaitFor};
-use rtinval_schemas::{Event, EventBody};
 
 use crate::config::Config;
 use crate::replay::{Decoder, reader_config};
@@ -40,77 +44,321 @@ pub enum ClusterAnswer {
     Timeout { lagging: Vec<String> },
 }
 
-/// Is `e` beyond `want`: published after every event of the transactions up to it?
-fn beyond(e: &Event, want: &WaitFor) -> bool {
-    let heartbeat = matches!(e.body, EventBody::Heartbeat { .. });
-    match want {
-        WaitFor::FilePos(w) => {
-            let at = FilePos {
-                file: e.source.file.clone(),
-                pos: e.source.pos,
-            };
-            if heartbeat { at >= *w } else { at > *w }
-        }
-        WaitFor::Gtids(g) => {
-            let mut r = Reached::default();
-            if let Some(gtid) = &e.source.gtid {
-                r.add_gtid(gtid);
-            }
-            g.iter().all(|(source, n)| {
-                r.gtids
-                    .get(source)
-                    .is_some_and(|s| s > n || (heartbeat && s >= n))
-            })
-        }
-    }
+/// What the watch keeps of a message: where it came from, and whether it is a heartbeat.
+struct Seen {
+    offset: i64,
+    file_pos: FilePos,
+    gtid: Option<String>,
+    heartbeat: bool,
 }
 
-struct Reader {
-    consumer: BaseConsumer,
-    decoder: Decoder,
-}
-
-impl Reader {
-    /// The event at `offset` of `topic`/`partition` (`None` if it cannot be read or decoded).
-    fn at(&self, topic: &str, partition: i32, offset: i64) -> Option<Event> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-            .ok()?;
-        self.consumer.assign(&tpl).ok()?;
-        let deadline = Instant::now() + TIMEOUT;
-        while Instant::now() < deadline {
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
-                    if m.offset() < offset {
-                        continue;
-                    }
-                    return self.decoder.decode(m.payload().unwrap_or_default()).ok();
+impl Seen {
+    /// Is this message beyond `want`: published after every event of the transactions up to it?
+    fn beyond(&self, want: &WaitFor) -> bool {
+        match want {
+            WaitFor::FilePos(w) => {
+                if self.heartbeat {
+                    self.file_pos >= *w
+                } else {
+                    self.file_pos > *w
                 }
-                _ => {}
+            }
+            WaitFor::Gtids(g) => {
+                let mut r = Reached::default();
+                if let Some(gtid) = &self.gtid {
+                    r.add_gtid(gtid);
+                }
+                g.iter().all(|(source, n)| {
+                    r.gtids
+                        .get(source)
+                        .is_some_and(|s| s > n || (self.heartbeat && s >= n))
+                })
             }
         }
-        None
+    }
+}
+
+#[derive(Default)]
+struct State {
+    partitions: Vec<(String, i32)>,
+    /// Messages seen since the watch started, per partition, in offset order.
+    seen: BTreeMap<(String, i32), Vec<Seen>>,
+    /// Committed offsets (next to read) per group and partition.
+    committed: BTreeMap<String, BTreeMap<(String, i32), i64>>,
+    /// Why the watch stopped, if it did.
+    failed: Option<String>,
+}
+
+/// Follows the event topics and the groups' committed offsets for any number of waits.
+pub struct ClusterWatch {
+    state: Arc<Mutex<State>>,
+    changed: tokio::sync::watch::Receiver<u64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The groups waited for.
+    pub groups: Vec<String>,
+}
+
+impl ClusterWatch {
+    /// Start following the topics of `config` from their end, and the committed offsets of
+    /// `groups` (or, if empty, of every group whose name starts with `group_prefix`).
+    pub fn start(
+        config: &Config,
+        group_prefix: &str,
+        groups: &[String],
+    ) -> Result<ClusterWatch, String> {
+        let reader: BaseConsumer =
+            reader_config(config, &format!("rtinval-wait-{}", std::process::id()))
+                .set("fetch.wait.max.ms", "10")
+                .create()
+                .map_err(|e| format!("Kafka client for {}: {e}", config.kafka.brokers))?;
+        let decoder = Decoder::new(config)?;
+        let mut partitions = Vec::new();
+        let mut assign = TopicPartitionList::new();
+        for topic in topics(&config.kafka.topic_prefix) {
+            let md = reader
+                .fetch_metadata(Some(&topic), TIMEOUT)
+                .map_err(|e| format!("{topic}: {e}"))?;
+            let t = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .ok_or_else(|| {
+                    format!("topic {topic} does not exist (is kafka.topic_prefix right?)")
+                })?;
+            for p in t.partitions() {
+                let (_, high) = reader
+                    .fetch_watermarks(&topic, p.id(), TIMEOUT)
+                    .map_err(|e| format!("{topic}/{}: {e}", p.id()))?;
+                assign
+                    .add_partition_offset(&topic, p.id(), Offset::Offset(high))
+                    .map_err(|e| e.to_string())?;
+                partitions.push((topic.clone(), p.id()));
+            }
+        }
+        reader.assign(&assign).map_err(|e| e.to_string())?;
+        let groups: Vec<String> = if groups.is_empty() {
+            let list = reader.fetch_group_list(None, TIMEOUT).map_err(|e| {
+                format!(
+                    "cannot list consumer groups ({e}; some Kafka-protocol brokers, tansu among them, lack ListGroups): name the groups with --group"
+                )
+            })?;
+            let mut found: Vec<String> = list
+                .groups()
+                .iter()
+                .map(|g| g.name().to_owned())
+                .filter(|n| n.starts_with(group_prefix))
+                .collect();
+            found.sort();
+            found
+        } else {
+            groups.to_vec()
+        };
+        if groups.is_empty() {
+            return Err(format!(
+                "no consumer group starts with {group_prefix:?}; set --group-prefix (nodes' kafka.group_id) or name them with --group"
+            ));
+        }
+        let committers: Vec<(String, BaseConsumer)> = groups
+            .iter()
+            .map(|g| {
+                reader_config(config, g)
+                    .create()
+                    .map(|c| (g.clone(), c))
+                    .map_err(|e| format!("Kafka client for group {g}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let state = Arc::new(Mutex::new(State {
+            partitions: partitions.clone(),
+            ..State::default()
+        }));
+        let (tx, changed) = tokio::sync::watch::channel(0u64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("cluster-watch".into())
+            .spawn(move || follow(&reader, &decoder, &committers, &partitions, &st, &tx, &sp))
+            .map_err(|e| e.to_string())?;
+        Ok(ClusterWatch {
+            state,
+            changed,
+            stop,
+            thread: Some(thread),
+            groups,
+        })
     }
 
-    /// The first offset in `[lo, hi)` whose event is beyond `want`, by binary search.
-    fn first_beyond(
-        &self,
-        topic: &str,
-        partition: i32,
-        want: &WaitFor,
-        lo: i64,
-        hi: i64,
-    ) -> Option<i64> {
-        let (mut lo, mut hi) = (lo, hi);
-        let end = hi;
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.at(topic, partition, mid) {
-                Some(e) if beyond(&e, want) => hi = mid,
-                _ => lo = mid + 1,
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Wait until every group committed past `want`, for at most `timeout`.
+    pub async fn wait(&self, want: &WaitFor, timeout: Duration) -> Result<ClusterAnswer, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // One source per part: a message carries one transaction's GTID.
+        let parts: Vec<WaitFor> = match want {
+            WaitFor::Gtids(g) => g
+                .iter()
+                .map(|(s, n)| WaitFor::Gtids(GtidState::from([(s.clone(), *n)])))
+                .collect(),
+            other => vec![other.clone()],
+        };
+        let mut found: BTreeMap<((String, i32), usize), i64> = BTreeMap::new();
+        let mut scanned: BTreeMap<((String, i32), usize), usize> = BTreeMap::new();
+        let mut changed = self.changed.clone();
+        loop {
+            let lagging = {
+                let st = self.lock();
+                if let Some(why) = &st.failed {
+                    return Err(why.clone());
+                }
+                // The first message beyond each part, per partition, scanning only what is new.
+                for p in &st.partitions {
+                    let seen = st.seen.get(p).map_or(&[][..], Vec::as_slice);
+                    for (i, part) in parts.iter().enumerate() {
+                        let key = (p.clone(), i);
+                        if found.contains_key(&key) {
+                            continue;
+                        }
+                        let from = scanned.get(&key).copied().unwrap_or(0);
+                        if let Some(s) = seen[from..].iter().find(|s| s.beyond(part)) {
+                            found.insert(key, s.offset);
+                        } else {
+                            scanned.insert(key, seen.len());
+                        }
+                    }
+                }
+                let needed: Option<BTreeMap<&(String, i32), i64>> = st
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        (0..parts.len())
+                            .map(|i| found.get(&(p.clone(), i)).copied())
+                            .try_fold(0i64, |m, o| o.map(|o| m.max(o)))
+                            .map(|o| (p, o))
+                    })
+                    .collect();
+                match needed {
+                    None => {
+                        vec!["no message beyond the position yet on every partition".to_owned()]
+                    }
+                    Some(needed) => {
+                        let lagging: Vec<String> = self
+                            .groups
+                            .iter()
+                            .filter_map(|g| {
+                                let have = st.committed.get(g);
+                                needed.iter().find_map(|((topic, partition), need)| {
+                                    let c = have
+                                        .and_then(|h| h.get(&(topic.clone(), *partition)))
+                                        .copied()
+                                        .unwrap_or(-1);
+                                    (c < *need).then(|| {
+                                        format!(
+                                            "{g} ({topic}/{partition}: committed {c}, needs {need})"
+                                        )
+                                    })
+                                })
+                            })
+                            .collect();
+                        if lagging.is_empty() {
+                            return Ok(ClusterAnswer::Applied {
+                                groups: self.groups.clone(),
+                            });
+                        }
+                        lagging
+                    }
+                }
+            };
+            tokio::select! {
+                r = changed.changed() => {
+                    if r.is_err() {
+                        return Err("the cluster watch stopped".into());
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(ClusterAnswer::Timeout { lagging });
+                }
             }
         }
-        (lo < end).then_some(lo)
+    }
+}
+
+impl Drop for ClusterWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The watch's thread: read new messages, poll committed offsets every 200 ms, tell waiters.
+fn follow(
+    reader: &BaseConsumer,
+    decoder: &Decoder,
+    committers: &[(String, BaseConsumer)],
+    partitions: &[(String, i32)],
+    state: &Mutex<State>,
+    tx: &tokio::sync::watch::Sender<u64>,
+    stop: &AtomicBool,
+) {
+    let lock = || {
+        state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        tpl.add_partition(topic, *partition);
+    }
+    let mut next_poll = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(20))
+            && let Ok(e) = decoder.decode(m.payload().unwrap_or_default())
+        {
+            lock()
+                .seen
+                .entry((m.topic().to_owned(), m.partition()))
+                .or_default()
+                .push(Seen {
+                    offset: m.offset(),
+                    file_pos: FilePos {
+                        file: e.source.file,
+                        pos: e.source.pos,
+                    },
+                    gtid: e.source.gtid,
+                    heartbeat: matches!(e.body, EventBody::Heartbeat { .. }),
+                });
+            // No wake-up here: a wait can only end after a committed-offsets poll.
+        }
+        if Instant::now() < next_poll {
+            continue;
+        }
+        next_poll = Instant::now() + Duration::from_millis(200);
+        for (group, c) in committers {
+            match c.committed_offsets(tpl.clone(), TIMEOUT) {
+                Ok(committed) => {
+                    let offsets = committed
+                        .elements()
+                        .into_iter()
+                        .filter_map(|e| match e.offset() {
+                            Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                            _ => None,
+                        })
+                        .collect();
+                    lock().committed.insert(group.clone(), offsets);
+                }
+                Err(e) => {
+                    lock().failed = Some(format!("committed offsets of group {group}: {e}"));
+                    tx.send_modify(|n| *n += 1);
+                    return;
+                }
+            }
+        }
+        tx.send_modify(|n| *n += 1);
     }
 }
 
@@ -124,186 +372,41 @@ pub fn wait_all_nodes(
     groups: &[String],
     timeout: Duration,
 ) -> Result<ClusterAnswer, String> {
-    let deadline = Instant::now() + timeout;
-    let reader = Reader {
-        consumer: reader_config(config, &format!("rtinval-wait-{}", std::process::id()))
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .map_err(|e| format!("Kafka client for {}: {e}", config.kafka.brokers))?,
-        decoder: Decoder::new(config)?,
-    };
-    let mut partitions = Vec::new();
-    for topic in topics(&config.kafka.topic_prefix) {
-        let md = reader
-            .consumer
-            .fetch_metadata(Some(&topic), TIMEOUT)
-            .map_err(|e| format!("{topic}: {e}"))?;
-        let t = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .ok_or_else(|| {
-                format!("topic {topic} does not exist (is kafka.topic_prefix right?)")
-            })?;
-        partitions.extend(t.partitions().iter().map(|p| (topic.clone(), p.id())));
-    }
-    let groups: Vec<String> = if groups.is_empty() {
-        let list = reader
-            .consumer
-            .fetch_group_list(None, TIMEOUT)
-            .map_err(|e| {
-                format!(
-                    "cannot list consumer groups ({e}; some Kafka-protocol brokers, tansu among them, lack ListGroups): name the groups with --group"
-                )
-            })?;
-        let mut found: Vec<String> = list
-            .groups()
-            .iter()
-            .map(|g| g.name().to_owned())
-            .filter(|n| n.starts_with(group_prefix))
-            .collect();
-        found.sort();
-        found
-    } else {
-        groups.to_vec()
-    };
-    if groups.is_empty() {
-        return Err(format!(
-            "no consumer group starts with {group_prefix:?}; set --group-prefix (nodes' kafka.group_id) or name them with --group"
-        ));
-    }
-    // Per single source of the position, the first offset beyond it, per partition.
-    let wants: Vec<WaitFor> = match want {
-        WaitFor::Gtids(g) => g
-            .iter()
-            .map(|(s, n)| WaitFor::Gtids(GtidState::from([(s.clone(), *n)])))
-            .collect(),
-        other => vec![other.clone()],
-    };
-    let mut needed: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    let mut searched_from: BTreeMap<(String, i32, usize), i64> = BTreeMap::new();
-    let committers: Vec<(String, BaseConsumer)> = groups
-        .iter()
-        .map(|g| {
-            reader_config(config, g)
-                .create()
-                .map(|c| (g.clone(), c))
-                .map_err(|e| format!("Kafka client for group {g}: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
-    loop {
-        // Find (or keep looking for) each partition's offset beyond the position.
-        for (topic, partition) in &partitions {
-            if needed.contains_key(&(topic.clone(), *partition)) {
-                continue;
-            }
-            let (low, high) = reader
-                .consumer
-                .fetch_watermarks(topic, *partition, TIMEOUT)
-                .map_err(|e| format!("{topic}/{partition}: {e}"))?;
-            let mut worst = Some(0i64);
-            for (i, w) in wants.iter().enumerate() {
-                let from = searched_from
-                    .get(&(topic.clone(), *partition, i))
-                    .copied()
-                    .unwrap_or(low)
-                    .max(low);
-                match reader.first_beyond(topic, *partition, w, from, high) {
-                    Some(o) => worst = worst.map(|x| x.max(o)),
-                    None => {
-                        searched_from.insert((topic.clone(), *partition, i), high);
-                        worst = None;
-                    }
-                }
-            }
-            if let Some(o) = worst {
-                needed.insert((topic.clone(), *partition), o);
-            }
-        }
-        let mut lagging = Vec::new();
-        if needed.len() == partitions.len() {
-            let mut tpl = TopicPartitionList::new();
-            for (topic, partition) in &partitions {
-                tpl.add_partition(topic, *partition);
-            }
-            for (group, c) in &committers {
-                let committed = c
-                    .committed_offsets(tpl.clone(), TIMEOUT)
-                    .map_err(|e| format!("committed offsets of group {group}: {e}"))?;
-                let behind = committed.elements().into_iter().find_map(|e| {
-                    let need = needed.get(&(e.topic().to_owned(), e.partition()))?;
-                    let have = match e.offset() {
-                        Offset::Offset(o) => o,
-                        _ => -1,
-                    };
-                    (have < *need).then(|| {
-                        format!(
-                            "{group} ({}/{}: committed {have}, needs {need})",
-                            e.topic(),
-                            e.partition()
-                        )
-                    })
-                });
-                lagging.extend(behind);
-            }
-            if lagging.is_empty() {
-                return Ok(ClusterAnswer::Applied { groups });
-            }
-        } else {
-            lagging.push("no message beyond the position yet on every partition".to_owned());
-        }
-        if Instant::now() >= deadline {
-            return Ok(ClusterAnswer::Timeout { lagging });
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let watch = ClusterWatch::start(config, group_prefix, groups)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(watch.wait(want, timeout))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rtinval_schemas::{SCHEMA_VERSION, Source};
 
-    fn event(gtid: &str, pos: u64, heartbeat: bool) -> Event {
-        Event {
-            schema_version: SCHEMA_VERSION,
-            id: "x".into(),
-            source: Source {
-                server_id: 1,
-                gtid: Some(gtid.into()),
+    fn seen(gtid: &str, pos: u64, heartbeat: bool) -> Seen {
+        Seen {
+            offset: 0,
+            file_pos: FilePos {
                 file: "bin.000001".into(),
                 pos,
-                tables: vec![],
-                committed_at: 0,
             },
-            emitted_at: 0,
-            body: if heartbeat {
-                EventBody::Heartbeat { source_time: 0 }
-            } else {
-                EventBody::PoolReset {
-                    pools: vec!["p".into()],
-                }
-            },
+            gtid: Some(gtid.into()),
+            heartbeat,
         }
     }
 
     #[test]
     fn beyond_a_position_means_published_after_all_of_its_events() {
         let w = WaitFor::parse("0-1-17").unwrap();
-        assert!(!beyond(&event("0-1-17", 500, false), &w), "its own event");
-        assert!(
-            beyond(&event("0-1-17", 500, true), &w),
-            "a heartbeat after it"
-        );
-        assert!(
-            beyond(&event("0-1-18", 600, false), &w),
-            "a later transaction"
-        );
-        assert!(!beyond(&event("0-1-16", 400, true), &w));
-        assert!(!beyond(&event("1-1-99", 900, true), &w), "another domain");
+        assert!(!seen("0-1-17", 500, false).beyond(&w), "its own event");
+        assert!(seen("0-1-17", 500, true).beyond(&w), "a heartbeat after it");
+        assert!(seen("0-1-18", 600, false).beyond(&w), "a later transaction");
+        assert!(!seen("0-1-16", 400, true).beyond(&w));
+        assert!(!seen("1-1-99", 900, true).beyond(&w), "another domain");
         let p = WaitFor::parse("bin.000001:500").unwrap();
-        assert!(!beyond(&event("0-1-17", 500, false), &p));
-        assert!(beyond(&event("0-1-17", 500, true), &p));
-        assert!(beyond(&event("0-1-18", 501, false), &p));
+        assert!(!seen("0-1-17", 500, false).beyond(&p));
+        assert!(seen("0-1-17", 500, true).beyond(&p));
+        assert!(seen("0-1-18", 501, false).beyond(&p));
     }
 }
