@@ -10,7 +10,8 @@
 //!
 //! Completed messages feed [`barrier`] (the node's applied source position, and `/wait`);
 //! [`cluster`] answers the same for every node from Kafka's committed offsets; [`replay`] reads
-//! the topics back. Plus [`config`] (TOML), [`error`] and [`metrics`] (Prometheus, probes).
+//! the topics back; [`endpoint`] serves `/metrics`, `/healthz`, `/readyz` and `/wait`. Plus
+//! [`config`] (TOML), [`error`] and [`metrics`] (Prometheus, readiness).
 //!
 //! Guarantees:
 //! - **Commit after apply.** A message's offset is stored only when all its actions succeeded
@@ -30,6 +31,7 @@ pub mod apply;
 pub mod barrier;
 pub mod cluster;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod metrics;
 pub mod plan;
@@ -116,7 +118,7 @@ pub async fn run(
     let http = if config.http.listen.is_empty() {
         None
     } else {
-        Some(metrics::serve_on_thread(
+        Some(endpoint::serve_on_thread(
             &config.http.listen,
             metrics.clone(),
             barrier.clone(),
