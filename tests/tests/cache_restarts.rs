@@ -195,7 +195,7 @@ async fn a_redis_restarted_from_its_snapshot_is_flushed_and_an_outage_is_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_killed_and_restarted_from_an_aof_without_the_last_purge_is_flushed() {
+async fn a_redis_killed_and_restarted_from_an_aof_lacking_the_purge_is_flushed() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique("aof");
     let bus = Bus::new(&prefix).await;
@@ -213,10 +213,12 @@ async fn a_redis_killed_and_restarted_from_an_aof_without_the_last_purge_is_flus
         "",
     ];
     let mut redis = redis_server(dir.path(), "redis", port, &args);
-    let c = start_consumer(dir.path(), &bus, &prefix, "redis", port).await;
-    for k in ["object:1", "other"] {
+    let proxy = TcpProxy::start(port);
+    let c = start_consumer(dir.path(), &bus, &prefix, "redis", proxy.port).await;
+    for k in ["object:1", "object:2", "other"] {
         server.set(k).await;
     }
+    an_outage_flushes_nothing(&bus, &c, &proxy, server).await;
     // The AOF as it stands before the purge (appendfsync always: both writes are in it). A
     // restart from it is what `appendfsync everysec` gives when the purge's second is lost.
     let aof = dir.path().join("appendonlydir");
@@ -231,7 +233,7 @@ async fn a_redis_killed_and_restarted_from_an_aof_without_the_last_purge_is_flus
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_promoted_in_place_of_the_primary_is_flushed() {
+async fn a_replica_promoted_in_place_of_the_primary_is_flushed_and_an_outage_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique("failover");
     let bus = Bus::new(&prefix).await;
@@ -256,11 +258,15 @@ async fn a_replica_promoted_in_place_of_the_primary_is_flushed() {
     );
     let proxy = TcpProxy::start(a);
     let c = start_consumer(dir.path(), &bus, &prefix, "redis", proxy.port).await;
-    for k in ["object:1", "other"] {
+    for k in ["object:1", "object:2", "other"] {
         primary_server.set(k).await;
     }
+    an_outage_flushes_nothing(&bus, &c, &proxy, primary_server).await;
     wait_for("the replica has the keys", LONG, || async {
-        (replica_server.has("object:1").await && replica_server.has("other").await).then_some(())
+        (replica_server.has("object:1").await
+            && replica_server.has("other").await
+            && !replica_server.has("object:2").await)
+            .then_some(())
     })
     .await;
     // The replica falls behind (here: it stops replicating) and is promoted; the purge reaches
