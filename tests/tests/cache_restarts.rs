@@ -151,17 +151,34 @@ async fn assert_flushed_and_ready(bus: &Bus, c: &ConsumerProc, server: Server) {
     );
 }
 
+/// A node whose cache address (a proxy) leads to `server`, with `object:1`, `object:2` and
+/// `other` cached, after one outage of that same server ([`an_outage_flushes_nothing`]).
+async fn a_node_after_an_outage(
+    dir: &Path,
+    name: &str,
+    server: Server,
+) -> (Bus, ConsumerProc, TcpProxy) {
+    let prefix = unique(name);
+    let bus = Bus::new(&prefix).await;
+    let proxy = TcpProxy::start(server.port());
+    let kind = match server {
+        Server::Redis(_) => "redis",
+        Server::Memcached(_) => "memcached",
+    };
+    let c = start_consumer(dir, &bus, &prefix, kind, proxy.port).await;
+    for k in ["object:1", "object:2", "other"] {
+        server.set(k).await;
+    }
+    an_outage_flushes_nothing(&bus, &c, &proxy, server).await;
+    (bus, c, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restarted_from_its_snapshot_is_flushed_and_an_outage_is_not() {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = unique("rdb");
-    let bus = Bus::new(&prefix).await;
     let port = free_port();
     let server = Server::Redis(port);
-    let d = dir.path().display().to_string();
     let args = [
-        "--dir",
-        &d,
         "--dbfilename",
         "dump.rdb",
         "--save",
@@ -170,12 +187,7 @@ async fn a_redis_restarted_from_its_snapshot_is_flushed_and_an_outage_is_not() {
         "no",
     ];
     let mut redis = redis_server(dir.path(), "redis", port, &args);
-    let proxy = TcpProxy::start(port);
-    let c = start_consumer(dir.path(), &bus, &prefix, "redis", proxy.port).await;
-    for k in ["object:1", "object:2", "other"] {
-        server.set(k).await;
-    }
-    an_outage_flushes_nothing(&bus, &c, &proxy, server).await;
+    let (bus, c, _proxy) = a_node_after_an_outage(dir.path(), "rdb", server).await;
 
     // The snapshot holds object:1; then the node purges it.
     redis::cmd("SAVE")
@@ -197,14 +209,9 @@ async fn a_redis_restarted_from_its_snapshot_is_flushed_and_an_outage_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_killed_and_restarted_from_an_aof_lacking_the_purge_is_flushed() {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = unique("aof");
-    let bus = Bus::new(&prefix).await;
     let port = free_port();
     let server = Server::Redis(port);
-    let d = dir.path().display().to_string();
     let args = [
-        "--dir",
-        &d,
         "--appendonly",
         "yes",
         "--appendfsync",
@@ -213,12 +220,7 @@ async fn a_redis_killed_and_restarted_from_an_aof_lacking_the_purge_is_flushed()
         "",
     ];
     let mut redis = redis_server(dir.path(), "redis", port, &args);
-    let proxy = TcpProxy::start(port);
-    let c = start_consumer(dir.path(), &bus, &prefix, "redis", proxy.port).await;
-    for k in ["object:1", "object:2", "other"] {
-        server.set(k).await;
-    }
-    an_outage_flushes_nothing(&bus, &c, &proxy, server).await;
+    let (bus, c, _proxy) = a_node_after_an_outage(dir.path(), "aof", server).await;
     // The AOF as it stands before the purge (appendfsync always: both writes are in it). A
     // restart from it is what `appendfsync everysec` gives when the purge's second is lost.
     let aof = dir.path().join("appendonlydir");
@@ -235,8 +237,6 @@ async fn a_redis_killed_and_restarted_from_an_aof_lacking_the_purge_is_flushed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_promoted_in_place_of_the_primary_is_flushed_and_an_outage_is_not() {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = unique("failover");
-    let bus = Bus::new(&prefix).await;
     let (a, b) = (free_port(), free_port());
     let (primary_server, replica_server) = (Server::Redis(a), Server::Redis(b));
     let none = ["--save", "", "--appendonly", "no"];
@@ -256,12 +256,7 @@ async fn a_replica_promoted_in_place_of_the_primary_is_flushed_and_an_outage_is_
             &replica_of,
         ],
     );
-    let proxy = TcpProxy::start(a);
-    let c = start_consumer(dir.path(), &bus, &prefix, "redis", proxy.port).await;
-    for k in ["object:1", "object:2", "other"] {
-        primary_server.set(k).await;
-    }
-    an_outage_flushes_nothing(&bus, &c, &proxy, primary_server).await;
+    let (bus, c, proxy) = a_node_after_an_outage(dir.path(), "failover", primary_server).await;
     wait_for("the replica has the keys", LONG, || async {
         (replica_server.has("object:1").await
             && replica_server.has("other").await
@@ -291,8 +286,6 @@ async fn a_replica_promoted_in_place_of_the_primary_is_flushed_and_an_outage_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memcached_restart_with_older_entries_is_flushed_and_an_outage_is_not() {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = unique("mcrestart");
-    let bus = Bus::new(&prefix).await;
     let (a, b) = (free_port(), free_port());
     let (first_server, restarted_server) = (Server::Memcached(a), Server::Memcached(b));
     let memcached = |name: &str, port: u16| {
@@ -311,13 +304,10 @@ async fn a_memcached_restart_with_older_entries_is_flushed_and_an_outage_is_not(
     // The server the address leads to after the restart, holding entries as old as a warm
     // restart (`-e`) from an earlier memory file would.
     let _second = memcached("memcached-restarted", b);
-    let proxy = TcpProxy::start(a);
-    let c = start_consumer(dir.path(), &bus, &prefix, "memcached", proxy.port).await;
     for k in ["object:1", "object:2", "other"] {
-        first_server.set(k).await;
         restarted_server.set(k).await;
     }
-    an_outage_flushes_nothing(&bus, &c, &proxy, first_server).await;
+    let (bus, c, proxy) = a_node_after_an_outage(dir.path(), "mcrestart", first_server).await;
     purge(&bus, first_server, "object:1").await;
     // The restart: the process at the node's cache address is another one, with older entries.
     first.kill9();
