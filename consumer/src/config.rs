@@ -168,10 +168,25 @@ pub struct CacheConfig {
     /// connections are checked too. 0: only new connections.
     #[serde(default = "default_identity_check_ms")]
     pub identity_check_ms: u64,
+    /// The fill protocol (clients/README.md): a purge leaves a tombstone with the source
+    /// position instead of deleting, and workers that fill through rtinval's clients store
+    /// data only if no purge came since their read. Turn it on only when every writer of
+    /// this cache uses the clients: a tombstone is a value to any other reader.
+    #[serde(default)]
+    pub fill_protocol: bool,
+    /// How long a tombstone lives (fill protocol). Safety does not depend on it (a fill needs
+    /// the very marker its read saw); it bounds the memory purges keep and how long an
+    /// inspector can still see which position purged a key.
+    #[serde(default = "default_tombstone_ttl_ms")]
+    pub tombstone_ttl_ms: u64,
 }
 
 fn default_identity_check_ms() -> u64 {
     1000
+}
+
+fn default_tombstone_ttl_ms() -> u64 {
+    60_000
 }
 
 impl CacheConfig {
@@ -366,6 +381,12 @@ impl Config {
                         c.url
                     ));
                 }
+            }
+            if c.fill_protocol && c.tombstone_ttl_ms < 1000 {
+                return invalid(format!(
+                    "caches.{name}: tombstone_ttl_ms = {} is too short to be seen by an inspector or a slow reader; use at least 1000 (default 60000)",
+                    c.tombstone_ttl_ms
+                ));
             }
             if c.kind == CacheKind::Redis
                 && c.flush_mode() == FlushMode::Prefix

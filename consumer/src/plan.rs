@@ -11,8 +11,14 @@ use rtinval_schemas::{Event, EventBody};
 pub enum Action {
     /// Gracefully reload a pool (debounced).
     ReloadPool(String),
-    /// Delete these keys (without the node's prefix) from a cache.
-    PurgeKeys { cache: String, keys: Vec<String> },
+    /// Delete these keys (without the node's prefix) from a cache; `position` is the purging
+    /// transaction's source position (its GTID, else `file:pos`), which a fill-protocol cache
+    /// keeps in the tombstone.
+    PurgeKeys {
+        cache: String,
+        keys: Vec<String>,
+        position: String,
+    },
     /// Delete every key of a cache.
     FlushCache(String),
     /// Record how fresh the source view is (heartbeat).
@@ -36,6 +42,14 @@ impl Inventory {
             .map(|p| Action::ReloadPool(p.clone()))
             .chain(self.caches.iter().map(|c| Action::FlushCache(c.clone())))
             .collect()
+    }
+}
+
+/// A source position in the form writers wait for: the GTID, else `file:pos`.
+pub fn position(source: &rtinval_schemas::Source) -> String {
+    match &source.gtid {
+        Some(g) if !g.is_empty() => g.clone(),
+        _ => format!("{}:{}", source.file, source.pos),
     }
 }
 
@@ -63,6 +77,7 @@ pub fn actions(event: &Event, node: &Inventory) -> Vec<Action> {
                 vec![Action::PurgeKeys {
                     cache: cache.clone(),
                     keys: keys.clone(),
+                    position: position(&event.source),
                 }]
             }
         }
@@ -131,7 +146,8 @@ mod tests {
             ),
             vec![Action::PurgeKeys {
                 cache: "rt".into(),
-                keys: vec!["object:1".into()]
+                keys: vec!["object:1".into()],
+                position: ":0".into()
             }]
         );
         assert_eq!(
@@ -166,5 +182,18 @@ mod tests {
                 Action::FlushCache("rt".into()),
             ]
         );
+    }
+
+    #[test]
+    fn a_purge_carries_the_gtid_else_the_file_position() {
+        let mut source = Source {
+            gtid: Some("0-1-17".into()),
+            file: "bin.000002".into(),
+            pos: 400,
+            ..Source::default()
+        };
+        assert_eq!(position(&source), "0-1-17");
+        source.gtid = None;
+        assert_eq!(position(&source), "bin.000002:400");
     }
 }

@@ -336,7 +336,7 @@ pub fn describe(actions: &[Action]) -> Vec<String> {
         .iter()
         .map(|a| match a {
             Action::ReloadPool(p) => format!("would reload pool {p}"),
-            Action::PurgeKeys { cache, keys } => {
+            Action::PurgeKeys { cache, keys, .. } => {
                 format!(
                     "would purge {} key(s) from cache {cache}: {}",
                     keys.len(),

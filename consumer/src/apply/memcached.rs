@@ -151,6 +151,38 @@ impl MemcachedCache {
         self.checked_connection(generation).await
     }
 
+    /// Fill protocol: set `keys` (already prefixed and valid) to `tombstone`, and the applied
+    /// position beside them, for `ttl` (whole seconds, rounded up), pipelined in one round trip.
+    pub async fn tombstone(
+        &self,
+        mut keys: Vec<Vec<u8>>,
+        tombstone: String,
+        applied: String,
+        ttl: std::time::Duration,
+    ) -> Result<(), CacheError> {
+        let ttl = ttl.as_millis().div_ceil(1000).max(1) as i64;
+        let mut values = vec![tombstone; keys.len()];
+        if !applied.is_empty() {
+            let mut key = self.prefix.as_bytes().to_vec();
+            key.extend_from_slice(rtinval_client::protocol::APPLIED_KEY.as_bytes());
+            keys.push(key);
+            values.push(applied);
+        }
+        let ((), generation) = self
+            .with_client(move |c| {
+                Box::pin(async move {
+                    let kv: Vec<(&Vec<u8>, &String)> = keys.iter().zip(values.iter()).collect();
+                    let results = c.set_multi(&kv, Some(ttl), None).await?;
+                    match results.into_values().find_map(Result::err) {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    }
+                })
+            })
+            .await?;
+        self.checked_connection(generation).await
+    }
+
     /// `flush_all`.
     pub async fn flush(&self) -> Result<(), CacheError> {
         self.with_client(|c| Box::pin(async move { c.flush_all().await }))

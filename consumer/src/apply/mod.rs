@@ -10,7 +10,11 @@ pub mod pool;
 pub mod redis;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use rtinval_client::protocol;
+use rtinval_schemas::position::{FilePos, WaitFor};
 
 use futures::future::{BoxFuture, FutureExt, join_all};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +51,63 @@ pub struct Cache {
     pub second_purge: Option<Duration>,
     /// How often the server's identity is checked while idle (`None`: only on new connections).
     pub identity_check: Option<Duration>,
+    /// The fill protocol, if this cache uses it: purges leave tombstones.
+    pub protocol: Option<Arc<Protocol>>,
+}
+
+/// A fill-protocol cache's purge state: how long tombstones live, and the newest position
+/// applied to the cache (written beside the tombstones, copied into the leases of later reads).
+#[derive(Debug)]
+pub struct Protocol {
+    pub tombstone_ttl: Duration,
+    applied: Mutex<Applied>,
+}
+
+/// The newest position applied: per GTID source (MariaDB domain, MySQL uuid) the highest
+/// transaction as written, else the highest file:pos.
+#[derive(Debug, Default)]
+struct Applied {
+    gtids: BTreeMap<String, (u64, String)>,
+    file_pos: Option<FilePos>,
+}
+
+impl Protocol {
+    pub fn new(tombstone_ttl: Duration) -> Protocol {
+        Protocol {
+            tombstone_ttl,
+            applied: Mutex::default(),
+        }
+    }
+
+    /// Take in a purged position; returns the applied position to store (`0-1-17,1-2-5`, or
+    /// `file:pos` for servers without GTIDs).
+    pub fn note(&self, position: &str) -> String {
+        let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        match WaitFor::parse(position) {
+            Ok(WaitFor::Gtids(g)) => {
+                for (source, seq) in g {
+                    let e = a.gtids.entry(source).or_insert((0, String::new()));
+                    if seq >= e.0 {
+                        *e = (seq, position.to_owned());
+                    }
+                }
+            }
+            Ok(WaitFor::FilePos(p)) => {
+                if a.file_pos.as_ref().is_none_or(|old| p > *old) {
+                    a.file_pos = Some(p);
+                }
+            }
+            Err(_) => {}
+        }
+        if a.gtids.is_empty() {
+            a.file_pos
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string)
+        } else {
+            let parts: Vec<&str> = a.gtids.values().map(|(_, g)| g.as_str()).collect();
+            parts.join(",")
+        }
+    }
 }
 
 impl Cache {
@@ -75,6 +136,11 @@ impl Cache {
             backend,
             second_purge: ms(config.second_purge_ms),
             identity_check: ms(config.identity_check_ms),
+            protocol: config.fill_protocol.then(|| {
+                Arc::new(Protocol::new(Duration::from_millis(
+                    config.tombstone_ttl_ms,
+                )))
+            }),
         })
     }
 
@@ -114,12 +180,35 @@ impl Cache {
         }
     }
 
-    /// Delete `keys` (missing keys count as deleted).
-    pub async fn purge(&self, keys: &[String]) -> Result<Purged, crate::error::CacheError> {
+    /// Delete `keys` (missing keys count as deleted), purged by the transaction at `position`.
+    /// With the fill protocol, each key gets a tombstone instead (one per call, with a nonce of
+    /// its own), and the applied position is stored beside them, in the same round trip.
+    pub async fn purge(
+        &self,
+        keys: &[String],
+        position: &str,
+    ) -> Result<Purged, crate::error::CacheError> {
+        let Some(p) = &self.protocol else {
+            return match &self.backend {
+                Backend::Redis(r) => r.purge(keys).await.map(|()| Purged::Keys),
+                Backend::Memcached(m) => match m.prefixed(keys) {
+                    Some(full) => m.delete(full).await.map(|()| Purged::Keys),
+                    None => m.flush().await.map(|()| Purged::FlushedInstead),
+                },
+            };
+        };
+        let applied = p.note(position);
+        let tombstone = protocol::tombstone(position, &protocol::nonce());
         match &self.backend {
-            Backend::Redis(r) => r.purge(keys).await.map(|()| Purged::Keys),
+            Backend::Redis(r) => r
+                .tombstone(keys, &tombstone, &applied, p.tombstone_ttl)
+                .await
+                .map(|()| Purged::Keys),
             Backend::Memcached(m) => match m.prefixed(keys) {
-                Some(full) => m.delete(full).await.map(|()| Purged::Keys),
+                Some(full) => m
+                    .tombstone(full, tombstone, applied, p.tombstone_ttl)
+                    .await
+                    .map(|()| Purged::Keys),
                 None => m.flush().await.map(|()| Purged::FlushedInstead),
             },
         }
@@ -170,19 +259,23 @@ impl Applier {
                 Some(pool) => pool.request().boxed(),
                 None => async { Ok(()) }.boxed(),
             },
-            Action::PurgeKeys { cache, keys } => {
+            Action::PurgeKeys {
+                cache,
+                keys,
+                position,
+            } => {
                 let Some(c) = self.caches.get(&cache).cloned() else {
                     return async { Ok(()) }.boxed();
                 };
                 let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
                 async move {
-                    let mut round = retry(&shutdown, &metrics, &cache, || c.purge(&keys)).await?;
+                    let mut round = retry(&shutdown, &metrics, &cache, || c.purge(&keys, &position)).await?;
                     if let Some(delay) = c.second_purge {
                         tokio::select! {
                             _ = shutdown.cancelled() => return Err(Interrupted),
                             _ = tokio::time::sleep(delay) => {}
                         }
-                        round = retry(&shutdown, &metrics, &cache, || c.purge(&keys)).await?;
+                        round = retry(&shutdown, &metrics, &cache, || c.purge(&keys, &position)).await?;
                         metrics.second_purges.inc();
                     }
                     match round {
@@ -247,5 +340,33 @@ where
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol;
+    use std::time::Duration;
+
+    #[test]
+    fn the_applied_position_only_grows_per_gtid_source() {
+        let p = Protocol::new(Duration::from_secs(60));
+        assert_eq!(p.note("0-1-5"), "0-1-5");
+        assert_eq!(p.note("0-1-9"), "0-1-9");
+        // A redelivered older purge does not lower it.
+        assert_eq!(p.note("0-1-7"), "0-1-9");
+        // Another domain is kept beside it; a failover's new server id is taken as written.
+        assert_eq!(p.note("1-2-3"), "0-1-9,1-2-3");
+        assert_eq!(p.note("0-3-10"), "0-3-10,1-2-3");
+        // Garbage changes nothing.
+        assert_eq!(p.note("not a position"), "0-3-10,1-2-3");
+    }
+
+    #[test]
+    fn without_gtids_the_newest_file_position_is_kept() {
+        let p = Protocol::new(Duration::from_secs(60));
+        assert_eq!(p.note("bin.000002:100"), "bin.000002:100");
+        assert_eq!(p.note("bin.000001:900"), "bin.000002:100");
+        assert_eq!(p.note("bin.000003:4"), "bin.000003:4");
     }
 }

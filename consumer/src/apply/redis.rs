@@ -2,6 +2,10 @@
 //! call); whole-cache flush by `SCAN MATCH prefix*` + UNLINK, or FLUSHDB when the cache owns
 //! its database. A missing key counts as purged.
 //!
+//! With the fill protocol (`fill_protocol = true`), a purge sets each key to a tombstone with a
+//! time to live instead ([`RedisCache::tombstone`]), and every identity check also loads the
+//! protocol's scripts.
+//!
 //! Each purge's pipeline starts with `CLIENT ID`: a new id means the connection manager
 //! reconnected, and the server's identity is checked ([`super::identity`]) before the purge
 //! counts as applied.
@@ -10,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use redis::aio::ConnectionManager;
+use rtinval_client::protocol;
 
 use super::identity::{Identity, Watch};
 use crate::config::{CacheConfig, FlushMode, redact_url};
@@ -29,6 +34,9 @@ pub struct RedisCache {
     watch: Arc<Watch>,
     /// `CLIENT ID` of the connection whose server identity was last checked (-1: none).
     checked: Arc<AtomicI64>,
+    /// Load the fill protocol's scripts with each identity check (so workers' EVALSHA finds
+    /// them, also on a server that restarted).
+    scripts: bool,
 }
 
 impl RedisCache {
@@ -64,6 +72,7 @@ impl RedisCache {
             conn,
             watch: Arc::new(Watch::new(name, metrics)),
             checked: Arc::new(AtomicI64::new(-1)),
+            scripts: config.fill_protocol,
         };
         cache.check_identity().await?;
         Ok(cache)
@@ -73,13 +82,15 @@ impl RedisCache {
     /// trip) and settle it: a changed server is flushed before this returns.
     pub async fn check_identity(&self) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
-        let (id, info): (i64, String) = redis::pipe()
-            .cmd("CLIENT")
-            .arg("ID")
-            .cmd("INFO")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(e))?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("ID").cmd("INFO");
+        if self.scripts {
+            for script in [protocol::READ_SCRIPT, protocol::FILL_SCRIPT] {
+                pipe.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+            }
+        }
+        let (id, info): (i64, String) =
+            pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
         let seen = Identity::from_redis_info(&info)
             .ok_or_else(|| self.err_text("INFO has no run_id (not a Redis server?)"))?;
         self.watch.settle(seen, || self.flush()).await?;
@@ -128,6 +139,40 @@ impl RedisCache {
                 }
             }
             cmd.ignore();
+        }
+        let mut conn = self.conn.clone();
+        let (id,): (i64,) = pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
+        self.checked_connection(id).await
+    }
+
+    /// Fill protocol: replace `keys` (prefixed here) by `tombstone` for `ttl`, and store the
+    /// applied position first, all in one pipelined round trip.
+    pub async fn tombstone(
+        &self,
+        keys: &[String],
+        tombstone: &str,
+        applied: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), CacheError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("ID");
+        if !applied.is_empty() {
+            pipe.cmd("SET")
+                .arg(format!("{}{}", self.prefix, protocol::APPLIED_KEY))
+                .arg(applied)
+                .ignore();
+        }
+        for k in keys {
+            pipe.cmd("SET")
+                .arg(format!("{}{k}", self.prefix))
+                .arg(tombstone)
+                .arg("PX")
+                .arg(ttl_ms)
+                .ignore();
         }
         let mut conn = self.conn.clone();
         let (id,): (i64,) = pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;

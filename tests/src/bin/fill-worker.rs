@@ -1,0 +1,375 @@
+//! A load worker for the fill-race test (`tests/tests/fill_race.rs`), the Rust twin of
+//! `clients/php/tests/fill_worker.php`: writes rows and waits on the node barrier, reads
+//! through every configured cache (with the fill protocol, or plain GET/SET), and counts reads
+//! that return a version older than one this worker already committed and waited for.
+//!
+//! Usage: `fill-worker '<json spec>'` (the spec's fields: see [`Spec`]); prints one JSON report.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: a failed step is a failed run
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use redis::AsyncCommands;
+use rtinval_client::key::{Column, render};
+use rtinval_client::{Barrier, Lookup, NodeCache};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+/// The worker's settings, from the JSON argument.
+struct Spec {
+    name: String,
+    mysql_url: String,
+    node: String,
+    caches: Vec<CacheSpec>,
+    seconds: u64,
+    rows: u64,
+    write_rate: f64,
+    read_rate: f64,
+    writers: usize,
+    readers: usize,
+    think_ms: u64,
+    ttl_ms: u64,
+    template: String,
+}
+
+#[derive(Clone)]
+struct CacheSpec {
+    name: String,
+    kind: String,
+    addr: String,
+    prefix: String,
+    protocol: bool,
+}
+
+/// One cache as this worker reads it.
+enum Reader {
+    Protocol(NodeCache),
+    PlainRedis(redis::aio::ConnectionManager, String),
+    PlainMemcached(rtinval_client::memcached::Memcached, String),
+}
+
+#[derive(Default)]
+struct Counts {
+    reads: AtomicU64,
+    stale: AtomicU64,
+    fills: AtomicU64,
+    fills_rejected: AtomicU64,
+}
+
+struct Shared {
+    spec: Spec,
+    pool: mysql_async::Pool,
+    barrier: Barrier,
+    caches: Vec<(CacheSpec, Reader, Counts)>,
+    /// Per row, the newest version this worker committed and waited for.
+    own: Mutex<BTreeMap<u64, u64>>,
+    writes: AtomicU64,
+    wait_failures: AtomicU64,
+    errors: AtomicU64,
+    examples: Mutex<Vec<String>>,
+}
+
+fn spec(v: &Value) -> Spec {
+    let s = |k: &str| {
+        v[k].as_str()
+            .unwrap_or_else(|| panic!("spec: {k}"))
+            .to_owned()
+    };
+    let n = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("spec: {k}"));
+    Spec {
+        name: s("name"),
+        mysql_url: s("mysql_url"),
+        node: s("node"),
+        caches: v["caches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| CacheSpec {
+                name: c["name"].as_str().unwrap().into(),
+                kind: c["kind"].as_str().unwrap().into(),
+                addr: c["addr"].as_str().unwrap().into(),
+                prefix: c["prefix"].as_str().unwrap().into(),
+                protocol: c["protocol"].as_bool().unwrap(),
+            })
+            .collect(),
+        seconds: n("seconds") as u64,
+        rows: n("rows") as u64,
+        write_rate: n("write_rate"),
+        read_rate: n("read_rate"),
+        writers: n("writers") as usize,
+        readers: n("readers") as usize,
+        think_ms: n("think_ms") as u64,
+        ttl_ms: n("ttl_ms") as u64,
+        template: s("template"),
+    }
+}
+
+/// xorshift64*: reproducible enough, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn version_of(payload: &[u8]) -> u64 {
+    let text = String::from_utf8_lossy(payload);
+    text.rsplit(':')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Shared {
+    fn key(&self, id: u64) -> String {
+        render(&self.spec.template, &[("id", Column::Int(id as i64))]).unwrap()
+    }
+
+    async fn load(&self, id: u64) -> Result<Vec<u8>, mysql_async::Error> {
+        let mut conn = self.pool.get_conn().await?;
+        let v: Option<u64> = conn
+            .exec_first("SELECT version FROM Object WHERE id = ?", (id,))
+            .await?;
+        Ok(format!("{id}:{}", v.unwrap_or(0)).into_bytes())
+    }
+
+    async fn think(&self, rng: &mut Rng) {
+        if self.spec.think_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(rng.below(self.spec.think_ms + 1))).await;
+        }
+    }
+
+    /// Read row `id` through cache `i`; returns the version seen.
+    async fn read(&self, i: usize, id: u64, rng: &mut Rng) -> Option<u64> {
+        let (_, reader, counts) = &self.caches[i];
+        let key = self.key(id);
+        let ttl = Duration::from_millis(self.spec.ttl_ms);
+        let payload = match reader {
+            Reader::Protocol(cache) => match cache.get(&key).await {
+                Ok(Lookup::Hit(v)) => v,
+                Ok(Lookup::Miss(token)) => {
+                    let v = self.load(id).await.ok()?;
+                    self.think(rng).await;
+                    match cache.fill(token, &v, ttl).await {
+                        Ok(true) => counts.fills.fetch_add(1, Ordering::Relaxed),
+                        Ok(false) => counts.fills_rejected.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => self.errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                    v
+                }
+                Err(_) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            },
+            Reader::PlainRedis(conn, prefix) => {
+                let mut conn = conn.clone();
+                let full = format!("{prefix}{key}");
+                match conn.get::<_, Option<Vec<u8>>>(&full).await {
+                    Ok(Some(v)) => v,
+                    Ok(None) => {
+                        let v = self.load(id).await.ok()?;
+                        self.think(rng).await;
+                        let _: Result<(), _> = conn.pset_ex(&full, &v, self.spec.ttl_ms).await;
+                        counts.fills.fetch_add(1, Ordering::Relaxed);
+                        v
+                    }
+                    Err(_) => {
+                        self.errors.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                }
+            }
+            Reader::PlainMemcached(mc, prefix) => {
+                let full = format!("{prefix}{key}");
+                match mc.gets(&[full.as_bytes()]).await {
+                    Ok(mut got) => match got.pop().flatten() {
+                        Some(item) => item.value,
+                        None => {
+                            let v = self.load(id).await.ok()?;
+                            self.think(rng).await;
+                            let ttl = self.spec.ttl_ms.div_ceil(1000) as u32;
+                            let _ = mc.set(full.as_bytes(), &v, ttl).await;
+                            counts.fills.fetch_add(1, Ordering::Relaxed);
+                            v
+                        }
+                    },
+                    Err(_) => {
+                        self.errors.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                }
+            }
+        };
+        let seen = version_of(&payload);
+        counts.reads.fetch_add(1, Ordering::Relaxed);
+        let own = self.own.lock().await.get(&id).copied().unwrap_or(0);
+        if seen < own {
+            counts.stale.fetch_add(1, Ordering::Relaxed);
+            let mut ex = self.examples.lock().await;
+            if ex.len() < 5 {
+                ex.push(format!(
+                    "{}: {key} read version {seen} after this worker committed {own}",
+                    self.caches[i].0.name
+                ));
+            }
+        }
+        Some(seen)
+    }
+
+    /// Bump row `id`'s version, wait on the node barrier, remember the version.
+    async fn write(&self, conn: &mut mysql_async::Conn, id: u64) -> Result<(), mysql_async::Error> {
+        let mut tx = conn
+            .start_transaction(mysql_async::TxOpts::default())
+            .await?;
+        tx.exec_drop(
+            "UPDATE Object SET version = version + 1 WHERE id = ?",
+            (id,),
+        )
+        .await?;
+        let v: Option<u64> = tx
+            .exec_first("SELECT version FROM Object WHERE id = ?", (id,))
+            .await?;
+        tx.commit().await?;
+        let gtid: Option<String> = conn.query_first("SELECT @@last_gtid").await?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        match self
+            .barrier
+            .wait(&gtid.unwrap_or_default(), Duration::from_secs(10))
+            .await
+        {
+            Ok(()) => {
+                let mut own = self.own.lock().await;
+                let e = own.entry(id).or_insert(0);
+                *e = (*e).max(v.unwrap_or(0));
+            }
+            Err(e) => {
+                self.wait_failures.fetch_add(1, Ordering::Relaxed);
+                let mut ex = self.examples.lock().await;
+                if ex.len() < 5 {
+                    ex.push(format!("wait: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pace(rate_per_task: f64) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / rate_per_task.max(0.001)));
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let arg = std::env::args()
+        .nth(1)
+        .expect("usage: fill-worker '<json spec>'");
+    let spec = spec(&serde_json::from_str(&arg).expect("spec is JSON"));
+    let mut caches = Vec::new();
+    for c in &spec.caches {
+        let reader = match (c.kind.as_str(), c.protocol) {
+            ("redis", true) => {
+                Reader::Protocol(NodeCache::redis(&c.addr, &c.prefix).await.unwrap())
+            }
+            ("memcached", true) => Reader::Protocol(NodeCache::memcached(&c.addr, &c.prefix)),
+            ("redis", false) => Reader::PlainRedis(
+                redis::aio::ConnectionManager::new(redis::Client::open(c.addr.as_str()).unwrap())
+                    .await
+                    .unwrap(),
+                c.prefix.clone(),
+            ),
+            _ => Reader::PlainMemcached(
+                rtinval_client::memcached::Memcached::new(&c.addr),
+                c.prefix.clone(),
+            ),
+        };
+        caches.push((c.clone(), reader, Counts::default()));
+    }
+    let pool = mysql_async::Pool::new(spec.mysql_url.as_str());
+    let shared = Arc::new(Shared {
+        barrier: Barrier::new(&spec.node),
+        pool,
+        caches,
+        own: Mutex::default(),
+        writes: AtomicU64::new(0),
+        wait_failures: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        examples: Mutex::default(),
+        spec,
+    });
+    let deadline = Instant::now() + Duration::from_secs(shared.spec.seconds);
+    let seed = u64::from(std::process::id()) << 20;
+    let mut tasks = Vec::new();
+    for w in 0..shared.spec.writers {
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(seed ^ ((w as u64 + 1) * 0x9e37_79b9));
+            let mut conn = s.pool.get_conn().await.unwrap();
+            let mut tick = pace(s.spec.write_rate / s.spec.writers as f64);
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let id = rng.below(s.spec.rows) + 1;
+                if s.write(&mut conn, id).await.is_err() {
+                    s.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                // Read-your-writes: the row just written, through every cache.
+                for i in 0..s.caches.len() {
+                    s.read(i, id, &mut rng).await;
+                }
+            }
+        }));
+    }
+    for r in 0..shared.spec.readers {
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(seed ^ ((r as u64 + 1001) * 0x85eb_ca6b));
+            let mut tick = pace(s.spec.read_rate / s.spec.readers as f64);
+            let mut n = r;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let id = rng.below(s.spec.rows) + 1;
+                n += 1;
+                s.read(n % s.caches.len(), id, &mut rng).await;
+            }
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let per = |f: fn(&Counts) -> &AtomicU64| -> Value {
+        shared
+            .caches
+            .iter()
+            .map(|(c, _, n)| (c.name.clone(), json!(f(n).load(Ordering::Relaxed))))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let report = json!({
+        "worker": shared.spec.name,
+        "seconds": secs,
+        "writes": shared.writes.load(Ordering::Relaxed),
+        "wait_failures": shared.wait_failures.load(Ordering::Relaxed),
+        "errors": shared.errors.load(Ordering::Relaxed),
+        "reads": per(|c| &c.reads),
+        "stale": per(|c| &c.stale),
+        "fills": per(|c| &c.fills),
+        "fills_rejected": per(|c| &c.fills_rejected),
+        "examples": *shared.examples.lock().await,
+    });
+    println!("{report}");
+}

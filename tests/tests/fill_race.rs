@@ -1,0 +1,302 @@
+//! The fill race, measured on the real stack (MariaDB, producer, tansu, consumer, Redis,
+//! memcached): worker processes — two in Rust (`fill-worker`), two in PHP
+//! (`clients/php/tests/fill_worker.php`) — write rows, wait on the node barrier, and read
+//! through four caches at once: Redis and memcached, each once with the fill protocol and once
+//! with plain GET/SET fills. A read that returns a version older than one the same worker
+//! already committed and waited for is stale. With the protocol: 0. With plain fills the same
+//! run shows the race (a reader that loaded the row before the commit stores it after the
+//! purge), so the difference is measured, not assumed. At the end every protocol cache entry
+//! is compared with its row in MariaDB.
+//!
+//! Needs `scripts/stack up`, PHP with its redis, memcached and mysqli extensions, and the
+//! binaries built (`scripts/test` does all). Run alone:
+//! `cargo test -p rtinval-tests --test fill_race -- --nocapture`. Its length:
+//! `RTINVAL_FILL_RACE_SECS` (default 60).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+use redis::AsyncCommands;
+use rtinval_client::protocol::Stored;
+use rtinval_tests::{
+    ConsumerProc, Stack, TestDb, bin, consumer_kafka_section, http_get, server_id, start_producer,
+    unique, wait_sync, workspace_root,
+};
+use serde_json::{Value, json};
+
+const ROWS: u64 = 200;
+const SCHEMA: &str = "CREATE TABLE Object (id INT UNSIGNED NOT NULL PRIMARY KEY, name VARCHAR(64) NOT NULL, version INT UNSIGNED NOT NULL DEFAULT 0) ENGINE=InnoDB";
+
+/// The four caches: (name, kind, fill protocol).
+const CACHES: [(&str, &str, bool); 4] = [
+    ("redis_protocol", "redis", true),
+    ("redis_plain", "redis", false),
+    ("memcached_protocol", "memcached", true),
+    ("memcached_plain", "memcached", false),
+];
+
+fn producer_config(db: &str, prefix: &str) -> String {
+    let s = Stack::get();
+    let mut rules = String::new();
+    for (name, _, _) in CACHES {
+        rules.push_str(&format!(
+            "\n[[rules]]\ntable = \"Object\"\ncache = \"{name}\"\nkeys = [\"object:{{id}}\"]\n"
+        ));
+    }
+    format!(
+        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\n[http]\nlisten = \"\"\n{rules}",
+        s.mysql_url,
+        server_id(),
+        s.brokers
+    )
+}
+
+fn cache_prefix(prefix: &str, name: &str) -> String {
+    format!("{prefix}-{name}:")
+}
+
+fn cache_addr(kind: &str) -> String {
+    let s = Stack::get();
+    match kind {
+        "redis" => s.redis_url.clone(),
+        _ => s.memcached.trim_start_matches("memcached://").to_owned(),
+    }
+}
+
+fn consumer_config(prefix: &str) -> String {
+    let mut c = consumer_kafka_section(prefix);
+    for (name, kind, protocol) in CACHES {
+        c.push_str(&format!(
+            "\n[caches.{name}]\nkind = \"{kind}\"\nurl = \"{}\"\nprefix = \"{}\"\nfill_protocol = {protocol}\n",
+            cache_addr(kind),
+            cache_prefix(prefix, name)
+        ));
+    }
+    c
+}
+
+/// `mysql://user:password@host:port` → its parts (the PHP worker connects with mysqli).
+fn mysql_parts(url: &str) -> (String, String, String, String) {
+    let rest = url.trim_start_matches("mysql://");
+    let (auth, host) = rest.split_once('@').unwrap();
+    let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+    let host = host.split('/').next().unwrap();
+    let (h, p) = host.rsplit_once(':').unwrap_or((host, "3306"));
+    (user.into(), password.into(), h.into(), p.into())
+}
+
+struct Load {
+    writes: f64,
+    reads: f64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_write() {
+    let secs: u64 = std::env::var("RTINVAL_FILL_RACE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create("fill_race", SCHEMA).await;
+    let values: Vec<String> = (1..=ROWS).map(|i| format!("({i}, 'o{i}', 0)")).collect();
+    db.exec(&format!(
+        "INSERT INTO Object (id, name, version) VALUES {}",
+        values.join(",")
+    ))
+    .await;
+    let prefix = unique("fill");
+    let _producer = start_producer(dir.path(), "producer", &producer_config(&db.name, &prefix));
+    let mut node = ConsumerProc::start(dir.path(), "consumer", &consumer_config(&prefix));
+    node.wait_consuming();
+    wait_sync("node ready", Duration::from_secs(30), || {
+        http_get(&node.http, "/readyz")
+            .filter(|(s, _)| *s == 200)
+            .map(|_| ())
+    });
+
+    let stack = Stack::get();
+    let (user, password, host, port) = mysql_parts(&stack.mysql_admin_url);
+    let caches: Vec<Value> = CACHES
+        .iter()
+        .map(|(name, kind, protocol)| {
+            json!({"name": name, "kind": kind, "addr": cache_addr(kind),
+                   "prefix": cache_prefix(&prefix, name), "protocol": protocol})
+        })
+        .collect();
+    // Rust workers: many concurrent requests; PHP workers: one at a time, as PHP-FPM runs.
+    // Readers think up to 30 ms between the source read and the fill (rendering, other
+    // queries): long enough for a purge to land in between, as it does in production.
+    let spec = |name: &str, write_rate: f64, read_rate: f64, writers: u64, readers: u64| {
+        json!({
+            "name": name,
+            "mysql_url": format!("{}/{}", stack.mysql_admin_url, db.name),
+            "mysql": {"host": host, "port": port, "user": user, "password": password, "db": db.name},
+            "node": format!("http://{}", node.http),
+            "caches": caches,
+            "seconds": secs, "rows": ROWS, "write_rate": write_rate, "read_rate": read_rate,
+            "writers": writers, "readers": readers, "think_ms": 30, "ttl_ms": 300_000,
+            "template": "object:{id}",
+        })
+        .to_string()
+    };
+    let php = workspace_root().join("clients/php/tests/fill_worker.php");
+    let mut children = Vec::new();
+    for n in 0..2 {
+        let s = spec(&format!("rust-{n}"), 100.0, 900.0, 16, 48);
+        children.push(
+            Command::new(bin("fill-worker"))
+                .arg(s)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    for n in 0..2 {
+        let s = spec(&format!("php-{n}"), 8.0, 150.0, 1, 1);
+        children.push(
+            Command::new("php")
+                .arg(&php)
+                .arg(s)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect(
+                    "php runs (scripts/test installs php-cli, php-redis, php-memcached, php-mysql)",
+                ),
+        );
+    }
+    let mut reports = Vec::new();
+    for c in children {
+        let out = tokio::task::spawn_blocking(move || c.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "a worker failed: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("worker report is not JSON ({e}): {stdout}"));
+        println!("{report}");
+        reports.push(report);
+    }
+
+    // Totals per cache, and the load the run achieved.
+    let sum = |field: &str, cache: &str| -> u64 {
+        reports
+            .iter()
+            .map(|r| r[field][cache].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let total = |field: &str| -> u64 { reports.iter().map(|r| r[field].as_u64().unwrap()).sum() };
+    let load = Load {
+        writes: total("writes") as f64 / secs as f64,
+        reads: CACHES.iter().map(|(c, _, _)| sum("reads", c)).sum::<u64>() as f64 / secs as f64,
+    };
+    let mut stale = BTreeMap::new();
+    for (name, _, _) in CACHES {
+        stale.insert(name, sum("stale", name));
+        println!(
+            "{name:<20} reads {:>7}  stale {:>5}  fills {:>6}  fills refused {:>5}",
+            sum("reads", name),
+            sum("stale", name),
+            sum("fills", name),
+            sum("fills_rejected", name)
+        );
+    }
+    println!(
+        "load: {:.0} writes/s, {:.0} reads/s over {secs} s, {} workers (2 PHP); wait failures {}, errors {}",
+        load.writes,
+        load.reads,
+        reports.len(),
+        total("wait_failures"),
+        total("errors")
+    );
+
+    // The end state: every protocol cache entry against its row.
+    let mut conn = db.pool.get_conn().await.unwrap();
+    let gtid: String = conn
+        .query_first("SELECT @@gtid_binlog_pos")
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, body) =
+        http_get(&node.http, &format!("/wait?gtid={gtid}&timeout_ms=30000")).unwrap();
+    assert_eq!(status, 200, "the node never reached the last write: {body}");
+    let rows: Vec<(u64, u64)> = conn.query("SELECT id, version FROM Object").await.unwrap();
+    let mut redis = rtinval_tests::redis().await;
+    let mc = rtinval_client::memcached::Memcached::new(&cache_addr("memcached"));
+    let mut older = BTreeMap::new();
+    for (name, kind, _) in CACHES {
+        let mut n = 0;
+        for (id, version) in &rows {
+            let key = format!("{}object:{id}", cache_prefix(&prefix, name));
+            let value: Option<Vec<u8>> = match kind {
+                "redis" => redis.get(&key).await.unwrap(),
+                _ => mc
+                    .gets(&[key.as_bytes()])
+                    .await
+                    .unwrap()
+                    .pop()
+                    .flatten()
+                    .map(|i| i.value),
+            };
+            let payload = match value.as_deref().map(Stored::parse) {
+                Some(Stored::Data { payload, .. }) | Some(Stored::Foreign(payload)) => payload,
+                _ => continue, // nothing, a tombstone or a lease: the next read goes to MariaDB
+            };
+            let cached: u64 = String::from_utf8_lossy(payload)
+                .rsplit(':')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            if cached < *version {
+                n += 1;
+            }
+        }
+        println!("{name:<20} entries older than their row at the end: {n}");
+        older.insert(name, n);
+    }
+
+    assert_eq!(total("wait_failures"), 0, "every wait must succeed");
+    assert_eq!(total("errors"), 0, "no worker may see errors");
+    assert_eq!(
+        stale["redis_protocol"], 0,
+        "stale reads through the Redis fill protocol"
+    );
+    assert_eq!(
+        stale["memcached_protocol"], 0,
+        "stale reads through the memcached fill protocol"
+    );
+    assert_eq!(
+        older["redis_protocol"], 0,
+        "Redis protocol entries older than their row"
+    );
+    assert_eq!(
+        older["memcached_protocol"], 0,
+        "memcached protocol entries older than their row"
+    );
+    // Without the protocol the race must show, or this run proves nothing about it.
+    assert!(
+        stale["redis_plain"] + stale["memcached_plain"] > 0,
+        "plain fills produced no stale read: the run did not exercise the race"
+    );
+    assert!(
+        load.writes >= 200.0,
+        "write rate {:.0}/s below 200/s",
+        load.writes
+    );
+    assert!(
+        load.reads >= 2000.0,
+        "read rate {:.0}/s below 2,000/s",
+        load.reads
+    );
+}
