@@ -34,6 +34,15 @@ pub enum Answer {
     NotReady(String),
 }
 
+/// What a completed message proves about its position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// An event of a transaction: everything before that transaction is applied.
+    Event,
+    /// A heartbeat: everything up to and including its position is applied.
+    Heartbeat,
+}
+
 /// Why the node answers no wait now, if it does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -105,15 +114,36 @@ impl Barrier {
 
     /// A message of `topic`/`partition` whose event came from `file:pos` (transaction `gtid`)
     /// completed, in message order.
-    pub fn completed(&self, topic: &str, partition: i32, file: &str, pos: u64, gtid: Option<&str>) {
+    ///
+    /// One transaction may have several events in a partition (one per cache, pool message or
+    /// key chunk), so an event proves only that everything *before* its transaction is applied
+    /// there; its own transaction is complete once a later message completes — the heartbeat
+    /// the producer sends behind every transaction, or the next transaction's event. A
+    /// heartbeat (`Completion::Heartbeat`) proves its position itself.
+    pub fn completed(
+        &self,
+        topic: &str,
+        partition: i32,
+        file: &str,
+        pos: u64,
+        gtid: Option<&str>,
+        completion: Completion,
+    ) {
         let mut g = self.lock();
         let at = FilePos {
             file: file.to_owned(),
             pos,
         };
+        let proven = match completion {
+            Completion::Heartbeat => at.clone(),
+            Completion::Event => FilePos {
+                file: file.to_owned(),
+                pos: pos.saturating_sub(1),
+            },
+        };
         let key = (topic.to_owned(), partition);
-        if g.newest.get(&key).is_none_or(|p| *p < at) {
-            g.newest.insert(key, at.clone());
+        if g.newest.get(&key).is_none_or(|p| *p < proven) {
+            g.newest.insert(key, proven);
         }
         if let Some(gtid) = gtid {
             g.pending.entry(at).or_default().push(gtid.to_owned());
@@ -391,6 +421,7 @@ fn percent_decode(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::Completion::{Event, Heartbeat};
     use super::*;
 
     fn ready_metrics() -> Metrics {
@@ -414,15 +445,30 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(b.waiting(), 1);
-        // The transaction's own event on the cache-keys partition...
-        b.completed("t.cache-keys", 0, "bin.000001", 500, Some("0-1-17"));
+        // The transaction's own event and the heartbeat behind it on the cache-keys partition...
+        b.completed("t.cache-keys", 0, "bin.000001", 500, Some("0-1-17"), Event);
+        b.completed(
+            "t.cache-keys",
+            0,
+            "bin.000001",
+            500,
+            Some("0-1-17"),
+            Heartbeat,
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(
             !waiter.is_finished(),
             "the pool-reset partition has not passed it yet"
         );
         // ...and a heartbeat after it on the other partition.
-        b.completed("t.pool-reset", 0, "bin.000001", 520, Some("0-1-17"));
+        b.completed(
+            "t.pool-reset",
+            0,
+            "bin.000001",
+            520,
+            Some("0-1-17"),
+            Heartbeat,
+        );
         let Answer::Reached(r) = waiter.await.unwrap() else {
             panic!("not reached")
         };
@@ -443,7 +489,14 @@ mod tests {
     async fn a_position_never_reached_times_out_with_the_nodes_position() {
         let b = Barrier::new(&ready_metrics());
         b.set_partitions(1);
-        b.completed("t.cache-keys", 0, "bin.000001", 500, Some("0-1-17"));
+        b.completed(
+            "t.cache-keys",
+            0,
+            "bin.000001",
+            500,
+            Some("0-1-17"),
+            Heartbeat,
+        );
         let Answer::Timeout(r) = b.wait(&gtid("7-1-1"), Duration::from_millis(50)).await else {
             panic!("another domain must time out")
         };
@@ -503,12 +556,12 @@ mod tests {
     async fn a_gtid_counts_only_once_the_frontier_passed_its_position() {
         let b = Barrier::new(&ready_metrics());
         b.set_partitions(2);
-        b.completed("a", 0, "bin.000001", 100, Some("0-1-5"));
-        b.completed("b", 0, "bin.000001", 100, Some("0-1-5"));
+        b.completed("a", 0, "bin.000001", 100, Some("0-1-5"), Heartbeat);
+        b.completed("b", 0, "bin.000001", 100, Some("0-1-5"), Heartbeat);
         // Transaction 6 is applied on partition a only.
-        b.completed("a", 0, "bin.000001", 200, Some("0-1-6"));
+        b.completed("a", 0, "bin.000001", 200, Some("0-1-6"), Heartbeat);
         assert_eq!(b.reached().gtids["0"], 5);
-        b.completed("b", 0, "bin.000001", 300, Some("0-1-7"));
+        b.completed("b", 0, "bin.000001", 300, Some("0-1-7"), Heartbeat);
         assert_eq!(b.reached().gtids["0"], 6, "7 waits for partition a");
         b.positions_restart();
         assert_eq!(b.reached().file_pos, None);
@@ -520,10 +573,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_transaction_counts_only_once_all_its_events_in_a_partition_are_applied() {
+        // One transaction purging keys of four caches: four events at one position.
+        let b = Barrier::new(&ready_metrics());
+        b.set_partitions(1);
+        b.completed("t", 0, "bin.000001", 400, Some("0-1-16"), Heartbeat);
+        b.completed("t", 0, "bin.000001", 500, Some("0-1-17"), Event);
+        assert_eq!(
+            b.reached().gtids["0"],
+            16,
+            "three more events of 17 are pending"
+        );
+        assert!(matches!(
+            b.wait(&gtid("bin.000001:500"), Duration::ZERO).await,
+            Answer::Timeout(_)
+        ));
+        assert!(matches!(
+            b.wait(&gtid("bin.000001:400"), Duration::ZERO).await,
+            Answer::Reached(_)
+        ));
+        b.completed("t", 0, "bin.000001", 500, Some("0-1-17"), Event);
+        assert_eq!(b.reached().gtids["0"], 16);
+        // The next transaction's event proves 17 complete; so does the heartbeat behind 17.
+        b.completed("t", 0, "bin.000001", 600, Some("0-1-18"), Event);
+        assert_eq!(b.reached().gtids["0"], 17);
+        b.completed("t", 0, "bin.000001", 600, Some("0-1-18"), Heartbeat);
+        assert_eq!(b.reached().gtids["0"], 18);
+    }
+
+    #[tokio::test]
     async fn http_answers_name_the_problem() {
         let b = Barrier::new(&ready_metrics());
         b.set_partitions(1);
-        b.completed("t", 0, "bin.000001", 500, Some("0-1-17"));
+        b.completed("t", 0, "bin.000001", 500, Some("0-1-17"), Heartbeat);
         let (s, body) = http_wait(&b, Some("gtid=0-1-17&timeout_ms=10")).await;
         assert_eq!(s, 200, "{body}");
         assert!(

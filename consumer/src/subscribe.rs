@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::apply::{Applier, Interrupted};
-use crate::barrier::Barrier;
+use crate::barrier::{Barrier, Completion};
 use crate::config::Config;
 use crate::error::ConsumerError;
 use crate::metrics::{KindLabel, Metrics};
@@ -574,8 +574,19 @@ impl Subscriber {
             self.barrier.positions_restart();
         }
         if let Some((file, pos, gtid)) = &done.source {
-            self.barrier
-                .completed(&done.topic, done.partition, file, *pos, gtid.as_deref());
+            let completion = if done.heartbeat_source_ms.is_some() {
+                Completion::Heartbeat
+            } else {
+                Completion::Event
+            };
+            self.barrier.completed(
+                &done.topic,
+                done.partition,
+                file,
+                *pos,
+                gtid.as_deref(),
+                completion,
+            );
         }
         if let Some(kind) = done.kind {
             self.metrics

@@ -128,9 +128,15 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         })
         .collect();
     // Rust workers: many concurrent requests; PHP workers: one at a time, as PHP-FPM runs.
-    // Readers think up to 30 ms between the source read and the fill (rendering, other
-    // queries): long enough for a purge to land in between, as it does in production.
-    let spec = |name: &str, write_rate: f64, read_rate: f64, writers: u64, readers: u64| {
+    // Between the source read and the fill a reader "thinks" (renders, runs other queries):
+    // Rust readers up to 150 ms, longer than the purge takes to arrive, so plain fills do land
+    // after purges, as slow requests do in production; PHP readers up to 20 ms.
+    let spec = |name: &str,
+                write_rate: f64,
+                read_rate: f64,
+                writers: u64,
+                readers: u64,
+                think_ms: u64| {
         json!({
             "name": name,
             "mysql_url": format!("{}/{}", stack.mysql_admin_url, db.name),
@@ -138,7 +144,7 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
             "node": format!("http://{}", node.http),
             "caches": caches,
             "seconds": secs, "rows": ROWS, "write_rate": write_rate, "read_rate": read_rate,
-            "writers": writers, "readers": readers, "think_ms": 30, "ttl_ms": 300_000,
+            "writers": writers, "readers": readers, "think_ms": think_ms, "ttl_ms": 300_000,
             "template": "object:{id}",
         })
         .to_string()
@@ -146,7 +152,7 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
     let php = workspace_root().join("clients/php/tests/fill_worker.php");
     let mut children = Vec::new();
     for n in 0..2 {
-        let s = spec(&format!("rust-{n}"), 100.0, 900.0, 16, 48);
+        let s = spec(&format!("rust-{n}"), 100.0, 900.0, 64, 96, 150);
         children.push(
             Command::new(bin("fill-worker"))
                 .arg(s)
@@ -157,7 +163,7 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         );
     }
     for n in 0..2 {
-        let s = spec(&format!("php-{n}"), 8.0, 150.0, 1, 1);
+        let s = spec(&format!("php-{n}"), 5.0, 100.0, 1, 1, 20);
         children.push(
             Command::new("php")
                 .arg(&php)

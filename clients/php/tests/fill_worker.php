@@ -67,6 +67,8 @@ $read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$e
     $name = $c['spec']['name'];
     $key = Rtinval\key($spec['template'], ['id' => $id]);
     $full = $c['spec']['prefix'] . $key;
+    // What this worker had committed and waited for when the read started.
+    $mine = $own[$id] ?? 0;
     try {
         if ($c['cache'] !== null) {
             $r = $c['cache']->get($key);
@@ -99,7 +101,6 @@ $read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$e
     $parts = explode(':', $payload);
     $seen = (int) end($parts);
     $counts['reads'][$name]++;
-    $mine = $own[$id] ?? 0;
     if ($seen < $mine) {
         $counts['stale'][$name]++;
         if (count($examples) < 5) {

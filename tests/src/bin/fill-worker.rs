@@ -67,6 +67,8 @@ struct Shared {
     caches: Vec<(CacheSpec, Reader, Counts)>,
     /// Per row, the newest version this worker committed and waited for.
     own: Mutex<BTreeMap<u64, u64>>,
+    /// Per row, the GTID of that write (for reports).
+    own_gtid: Mutex<BTreeMap<u64, String>>,
     writes: AtomicU64,
     wait_failures: AtomicU64,
     errors: AtomicU64,
@@ -153,6 +155,9 @@ impl Shared {
     async fn read(&self, i: usize, id: u64, rng: &mut Rng) -> Option<u64> {
         let (_, reader, counts) = &self.caches[i];
         let key = self.key(id);
+        // What this worker had committed and waited for when the read started: the read must
+        // return at least that (a read that began before the wait may return older data).
+        let own = self.own.lock().await.get(&id).copied().unwrap_or(0);
         let ttl = Duration::from_millis(self.spec.ttl_ms);
         let payload = match reader {
             Reader::Protocol(cache) => match cache.get(&key).await {
@@ -213,13 +218,38 @@ impl Shared {
         };
         let seen = version_of(&payload);
         counts.reads.fetch_add(1, Ordering::Relaxed);
-        let own = self.own.lock().await.get(&id).copied().unwrap_or(0);
         if seen < own {
             counts.stale.fetch_add(1, Ordering::Relaxed);
+            // What the cache holds now: for a fill, the basis says which purge it passed.
+            let stored = match &self.caches[i].0 {
+                c if c.kind == "redis" => {
+                    let client = redis::Client::open(c.addr.as_str()).unwrap();
+                    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                    let v: Option<Vec<u8>> = conn.get(format!("{}{key}", c.prefix)).await.unwrap();
+                    v.map(|v| String::from_utf8_lossy(&v).replace('\n', " | "))
+                }
+                c => {
+                    let mc = rtinval_client::memcached::Memcached::new(&c.addr);
+                    let full = format!("{}{key}", c.prefix);
+                    mc.gets(&[full.as_bytes()])
+                        .await
+                        .unwrap()
+                        .pop()
+                        .flatten()
+                        .map(|i| {
+                            format!(
+                                "{} (cas {})",
+                                String::from_utf8_lossy(&i.value).replace('\n', " | "),
+                                i.cas
+                            )
+                        })
+                }
+            };
+            let gtid = self.own_gtid.lock().await.get(&id).cloned();
             let mut ex = self.examples.lock().await;
             if ex.len() < 5 {
                 ex.push(format!(
-                    "{}: {key} read version {seen} after this worker committed {own}",
+                    "{}: {key} read version {seen} after this worker committed {own} (gtid {gtid:?}); the cache holds {stored:?}",
                     self.caches[i].0.name
                 ));
             }
@@ -243,12 +273,10 @@ impl Shared {
         tx.commit().await?;
         let gtid: Option<String> = conn.query_first("SELECT @@last_gtid").await?;
         self.writes.fetch_add(1, Ordering::Relaxed);
-        match self
-            .barrier
-            .wait(&gtid.unwrap_or_default(), Duration::from_secs(10))
-            .await
-        {
+        let gtid = gtid.unwrap_or_default();
+        match self.barrier.wait(&gtid, Duration::from_secs(10)).await {
             Ok(()) => {
+                self.own_gtid.lock().await.insert(id, gtid);
                 let mut own = self.own.lock().await;
                 let e = own.entry(id).or_insert(0);
                 *e = (*e).max(v.unwrap_or(0));
@@ -303,6 +331,7 @@ async fn main() {
         pool,
         caches,
         own: Mutex::default(),
+        own_gtid: Mutex::default(),
         writes: AtomicU64::new(0),
         wait_failures: AtomicU64::new(0),
         errors: AtomicU64::new(0),
