@@ -104,6 +104,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a workspace binary's release build, for load tests that measure the product as it
+/// ships (`scripts/test` builds them: `cargo build --release --bins -p …`).
+pub fn release_bin(name: &str) -> PathBuf {
+    let path = workspace_root().join("target/release").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: this load test runs release builds (scripts/test builds them; or cargo build --release -p rtinval-producer -p rtinval-consumer -p rtinval-tests --bin rtinval-producer --bin rtinval-consumer --bin fill-worker)",
+        path.display()
+    );
+    path
+}
+
 /// A database of its own for one test, created from a schema file.
 pub struct TestDb {
     pub name: String,
@@ -337,11 +349,16 @@ pub fn producer_check(dir: &Path, config: &str) -> (Option<i32>, String) {
 /// Write `config` to `<dir>/<name>.toml`, start `rtinval-producer` with it (log in
 /// `<dir>/<name>.log`) and wait until it streams the binlog.
 pub fn start_producer(dir: &Path, name: &str, config: &str) -> Proc {
+    start_producer_with(dir, name, config, &bin("rtinval-producer"))
+}
+
+/// Like [`start_producer`] with an explicit binary (e.g. a release build).
+pub fn start_producer_with(dir: &Path, name: &str, config: &str, binary: &Path) -> Proc {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).expect("write the producer config");
     let mut p = Proc::spawn(
         name,
-        Command::new(bin("rtinval-producer"))
+        Command::new(binary)
             .arg("--config")
             .arg(&path),
         dir.join(format!("{name}.log")),

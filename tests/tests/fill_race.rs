@@ -8,8 +8,9 @@
 //! purge), so the difference is measured, not assumed. At the end every protocol cache entry
 //! is compared with its row in MariaDB.
 //!
-//! Needs `scripts/stack up`, PHP with its redis, memcached and mysqli extensions, and the
-//! binaries built (`scripts/test` does all). Run alone:
+//! Needs `scripts/stack up`, PHP with its redis, memcached and mysqli extensions, and release
+//! builds of the producer, the consumer and `fill-worker` (`scripts/test` does all; the
+//! rates are the product's, measured on release builds as they ship). Run alone:
 //! `cargo test -p rtinval-tests --test fill_race -- --nocapture`. Its length:
 //! `RTINVAL_FILL_RACE_SECS` (default 60).
 
@@ -23,8 +24,8 @@ use mysql_async::prelude::Queryable;
 use redis::AsyncCommands;
 use rtinval_client::protocol::Stored;
 use rtinval_tests::{
-    ConsumerProc, Stack, TestDb, bin, consumer_kafka_section, http_get, server_id, start_producer,
-    unique, wait_sync, workspace_root,
+    ConsumerProc, Stack, TestDb, consumer_kafka_section, http_get, release_bin, server_id,
+    start_producer_with, unique, wait_sync, workspace_root,
 };
 use serde_json::{Value, json};
 
@@ -109,8 +110,19 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
     ))
     .await;
     let prefix = unique("fill");
-    let _producer = start_producer(dir.path(), "producer", &producer_config(&db.name, &prefix));
-    let mut node = ConsumerProc::start(dir.path(), "consumer", &consumer_config(&prefix));
+    // Release builds: the rates are the product's, not a debug build's.
+    let _producer = start_producer_with(
+        dir.path(),
+        "producer",
+        &producer_config(&db.name, &prefix),
+        &release_bin("rtinval-producer"),
+    );
+    let mut node = ConsumerProc::start_with(
+        dir.path(),
+        "consumer",
+        &consumer_config(&prefix),
+        &release_bin("rtinval-consumer"),
+    );
     node.wait_consuming();
     wait_sync("node ready", Duration::from_secs(30), || {
         http_get(&node.http, "/readyz")
@@ -154,7 +166,7 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
     for n in 0..2 {
         let s = spec(&format!("rust-{n}"), 100.0, 900.0, 64, 96, 150);
         children.push(
-            Command::new(bin("fill-worker"))
+            Command::new(release_bin("fill-worker"))
                 .arg(s)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
