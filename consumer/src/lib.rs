@@ -33,6 +33,7 @@ pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod inspect;
 pub mod metrics;
 pub mod plan;
 pub mod replay;

@@ -59,6 +59,30 @@ enum Command {
     /// Exit status: 0 applied, 3 timeout, 4 not ready (stopping, resyncing, stale), 2 bad
     /// position or arguments, 1 other errors (no consumer answering, Kafka unreachable).
     Wait(WaitArgs),
+    /// Measure this node's cache consistency: follow the cache-keys topic a delay behind and
+    /// check that no key a purge named still holds a value read before that purge (caches with
+    /// fill_protocol = true; values carry the position they were read after). Logs "N of M
+    /// checked keys consistent after D s" every --report-secs and each violation with key and
+    /// positions; prints a JSON summary at the end.
+    ///
+    /// Exit status: 0 no violation, 3 violations found, 1 errors.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InspectArgs {
+    /// Check a purge's keys this long after it (Kafka timestamp): fills in flight settle.
+    #[arg(long, default_value_t = 5000)]
+    delay_ms: u64,
+    /// Stop after reading for this long (then finish the checks due); default: until SIGTERM.
+    #[arg(long)]
+    duration_secs: Option<u64>,
+    /// Log the report line this often.
+    #[arg(long, default_value_t = 60)]
+    report_secs: u64,
+    /// Serve /metrics (rtinval_consumer_inspected_keys_total) on this host:port.
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -197,6 +221,9 @@ fn main() -> ExitCode {
     if let Some(Command::Wait(args)) = &cli.command {
         return wait(&config, args);
     }
+    if let Some(Command::Inspect(args)) = &cli.command {
+        return inspect(&config, args);
+    }
     if matches!(cli.command, Some(Command::CheckConfig)) {
         println!(
             "config OK: {} pool(s), {} cache(s), group {}",
@@ -264,6 +291,77 @@ async fn signals(shutdown: CancellationToken, path: PathBuf) {
     }
     info!("Shutdown requested; finishing current actions.");
     shutdown.cancel();
+}
+
+/// `rtinval-consumer inspect`: run the inspector, print its JSON summary.
+fn inspect(config: &Config, a: &InspectArgs) -> ExitCode {
+    use rtinval_consumer::inspect::{Settings, run};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rtinval-consumer inspect: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = Settings {
+        delay: std::time::Duration::from_millis(a.delay_ms),
+        duration: a.duration_secs.map(std::time::Duration::from_secs),
+        report_every: std::time::Duration::from_secs(a.report_secs.max(1)),
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::new();
+        if let Some(listen) = &a.listen {
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("rtinval-consumer inspect: --listen {listen}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tokio::spawn(rtinval_consumer::endpoint::serve(
+                listener,
+                metrics.clone(),
+                None,
+                shutdown.clone(),
+            ));
+        }
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            sd.cancel();
+        });
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                term.recv().await;
+                sd.cancel();
+            }
+        });
+        info!(delay_ms = a.delay_ms, topic_prefix = %config.kafka.topic_prefix, "Inspecting: every purged key of the fill-protocol caches, the delay after its purge.");
+        match run(config, &settings, &metrics, shutdown).await {
+            Ok(report) => {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).unwrap_or_else(|e| e.to_string())
+                );
+                if report.caches.values().any(|t| t.violations > 0) {
+                    ExitCode::from(3)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("rtinval-consumer inspect: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 /// `rtinval-consumer wait`: print the answer (one JSON line) and exit with its status.

@@ -35,6 +35,14 @@ pub struct CodeLabel {
     pub code: String,
 }
 
+/// A key the inspector checked: its cache and the verdict (`consistent`, `violation`,
+/// `unverifiable`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InspectLabel {
+    pub cache: String,
+    pub verdict: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -68,6 +76,8 @@ pub struct Metrics {
     pub cache_failures: Family<CacheLabel, Counter>,
     /// Requests waiting on `/wait` now.
     pub barrier_waiters: Gauge,
+    /// Keys checked by `rtinval-consumer inspect`, by cache and verdict.
+    pub inspected_keys: Family<InspectLabel, Counter>,
     /// Errors librdkafka reported (connection refused, DNS, TLS, auth), by error code.
     pub kafka_errors: Family<CodeLabel, Counter>,
     source_time_ms: Arc<AtomicU64>,
@@ -186,8 +196,14 @@ impl Metrics {
             "Requests waiting on /wait for a source position now",
             Gauge::default()
         );
+        let inspected_keys = reg!(
+            "rtinval_consumer_inspected_keys",
+            "Keys `rtinval-consumer inspect` checked a delay after their invalidation, by cache and verdict (consistent, violation: a cached value older than the invalidation, unverifiable: no position to compare)",
+            Family::<InspectLabel, Counter>::default()
+        );
         Metrics {
             registry: Arc::new(r),
+            inspected_keys,
             second_purges,
             cache_failures,
             barrier_waiters,

@@ -358,9 +358,7 @@ pub fn start_producer_with(dir: &Path, name: &str, config: &str, binary: &Path) 
     std::fs::write(&path, config).expect("write the producer config");
     let mut p = Proc::spawn(
         name,
-        Command::new(binary)
-            .arg("--config")
-            .arg(&path),
+        Command::new(binary).arg("--config").arg(&path),
         dir.join(format!("{name}.log")),
     );
     p.wait_log("Streaming binlog.", Duration::from_secs(60));

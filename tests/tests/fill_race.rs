@@ -2,11 +2,13 @@
 //! memcached): worker processes — two in Rust (`fill-worker`), two in PHP
 //! (`clients/php/tests/fill_worker.php`) — write rows, wait on the node barrier, and read
 //! through four caches at once: Redis and memcached, each once with the fill protocol and once
-//! with plain GET/SET fills. A read that returns a version older than one the same worker
-//! already committed and waited for is stale. With the protocol: 0. With plain fills the same
-//! run shows the race (a reader that loaded the row before the commit stores it after the
-//! purge), so the difference is measured, not assumed. At the end every protocol cache entry
-//! is compared with its row in MariaDB.
+//! with plain fills (the same reads, stored with a SET instead of the marker check). A read
+//! that returns a version older than one the same worker already committed and waited for is
+//! stale. With the protocol: 0. With plain fills the same run shows the race (a reader that
+//! loaded the row before the commit stores it after the purge), so the difference is
+//! measured, not assumed. The inspector (`rtinval-consumer inspect`) runs beside: 0 violations
+//! in the protocol caches, and it finds the plain caches' stale entries. At the end every
+//! cache entry is compared with its row in MariaDB.
 //!
 //! Needs `scripts/stack up`, PHP with its redis, memcached and mysqli extensions, and release
 //! builds of the producer, the consumer and `fill-worker` (`scripts/test` does all; the
@@ -68,11 +70,14 @@ fn cache_addr(kind: &str) -> String {
     }
 }
 
+/// Every cache purges with tombstones (`fill_protocol = true`): the "plain" caches differ only
+/// in how the workers fill them (a SET without the marker check), so the comparison isolates
+/// the check, and the inspector can judge both.
 fn consumer_config(prefix: &str) -> String {
     let mut c = consumer_kafka_section(prefix);
-    for (name, kind, protocol) in CACHES {
+    for (name, kind, _) in CACHES {
         c.push_str(&format!(
-            "\n[caches.{name}]\nkind = \"{kind}\"\nurl = \"{}\"\nprefix = \"{}\"\nfill_protocol = {protocol}\n",
+            "\n[caches.{name}]\nkind = \"{kind}\"\nurl = \"{}\"\nprefix = \"{}\"\nfill_protocol = true\n",
             cache_addr(kind),
             cache_prefix(prefix, name)
         ));
@@ -161,6 +166,16 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         })
         .to_string()
     };
+    // The inspector, beside the load: checks every purged key 1 s after its purge.
+    let inspector = Command::new(release_bin("rtinval-consumer"))
+        .arg("--config")
+        .arg(dir.path().join("consumer.toml"))
+        .args(["inspect", "--delay-ms", "1000", "--report-secs", "10"])
+        .args(["--duration-secs", &(secs + 2).to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let php = workspace_root().join("clients/php/tests/fill_worker.php");
     let mut children = Vec::new();
     for n in 0..2 {
@@ -207,6 +222,19 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         reports.push(report);
     }
 
+    let out = tokio::task::spawn_blocking(move || inspector.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let inspected_text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let inspected: Value = serde_json::from_str(inspected_text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "inspector printed no report ({e}; exit {}): {inspected_text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+
     // Totals per cache, and the load the run achieved.
     let sum = |field: &str, cache: &str| -> u64 {
         reports
@@ -222,12 +250,17 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
     let mut stale = BTreeMap::new();
     for (name, _, _) in CACHES {
         stale.insert(name, sum("stale", name));
+        let t = &inspected["caches"][name];
         println!(
-            "{name:<20} reads {:>7}  stale {:>5}  fills {:>6}  fills refused {:>5}",
+            "{name:<20} reads {:>7}  stale {:>5}  fills {:>6}  fills refused {:>5}  | inspector: {} of {} consistent, {} violations, {} unverifiable",
             sum("reads", name),
             sum("stale", name),
             sum("fills", name),
-            sum("fills_rejected", name)
+            sum("fills_rejected", name),
+            t["consistent"],
+            t["checked"],
+            t["violations"],
+            t["unverifiable"],
         );
     }
     println!(
@@ -284,6 +317,22 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         older.insert(name, n);
     }
 
+    for (name, _, protocol) in CACHES {
+        let t = &inspected["caches"][name];
+        let (checked, violations) = (
+            t["checked"].as_u64().unwrap_or(0),
+            t["violations"].as_u64().unwrap_or(0),
+        );
+        assert!(checked > 0, "the inspector checked no key of {name}");
+        if protocol {
+            assert_eq!(violations, 0, "inspector violations in {name}: {inspected}");
+        } else if stale[name] > 0 {
+            assert!(
+                violations > 0,
+                "the workers read stale data from {name} but the inspector found none"
+            );
+        }
+    }
     assert_eq!(total("wait_failures"), 0, "every wait must succeed");
     assert_eq!(total("errors"), 0, "no worker may see errors");
     assert_eq!(

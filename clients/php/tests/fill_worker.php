@@ -1,8 +1,8 @@
 <?php
 // A load worker for the fill-race test (tests/tests/fill_race.rs), the PHP twin of
 // tests/src/bin/fill-worker.rs, using the PHP client (src/Rtinval.php): writes rows and waits
-// on the node barrier, reads through every configured cache (with the fill protocol, or plain
-// GET/SET), and counts reads that return a version older than one this worker already
+// on the node barrier, reads through every configured cache (filling with the protocol's check,
+// or with a plain SET of what was read), and counts reads that return a version older than one this worker already
 // committed and waited for. One process, one request at a time, as a PHP-FPM worker runs.
 //
 // Usage: php fill_worker.php '<json spec>'; prints one JSON report.
@@ -28,12 +28,9 @@ foreach ($spec['caches'] as $c) {
         $conn->addServer($host, (int) $port);
         $conn->setOption(Memcached::OPT_COMPRESSION, false);
     }
-    $cache = null;
-    if ($c['protocol']) {
-        $cache = $c['kind'] === 'redis'
-            ? Rtinval\NodeCache::redis($conn, $c['prefix'])
-            : Rtinval\NodeCache::memcached($conn, $c['prefix']);
-    }
+    $cache = $c['kind'] === 'redis'
+        ? Rtinval\NodeCache::redis($conn, $c['prefix'])
+        : Rtinval\NodeCache::memcached($conn, $c['prefix']);
     $caches[] = ['spec' => $c, 'conn' => $conn, 'cache' => $cache];
 }
 
@@ -70,29 +67,24 @@ $read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$e
     // What this worker had committed and waited for when the read started.
     $mine = $own[$id] ?? 0;
     try {
-        if ($c['cache'] !== null) {
-            $r = $c['cache']->get($key);
-            if ($r->hit) {
-                $payload = $r->value;
-            } else {
-                $payload = $load($id);
-                $think();
-                $counts[$c['cache']->fill($r->token, $payload, (int) $spec['ttl_ms']) ? 'fills' : 'fills_rejected'][$name]++;
-            }
+        $r = $c['cache']->get($key);
+        if ($r->hit) {
+            $payload = $r->value;
+        } elseif ($c['spec']['protocol']) {
+            $payload = $load($id);
+            $think();
+            $counts[$c['cache']->fill($r->token, $payload, (int) $spec['ttl_ms']) ? 'fills' : 'fills_rejected'][$name]++;
         } else {
-            $v = $c['conn']->get($full);
-            if (is_string($v)) {
-                $payload = $v;
+            // Plain fills: the same read, stored without the marker check.
+            $payload = $load($id);
+            $think();
+            $value = Rtinval\Protocol::data($r->token->basis, $payload);
+            if ($c['spec']['kind'] === 'redis') {
+                $c['conn']->psetex($full, (int) $spec['ttl_ms'], $value);
             } else {
-                $payload = $load($id);
-                $think();
-                if ($c['spec']['kind'] === 'redis') {
-                    $c['conn']->psetex($full, (int) $spec['ttl_ms'], $payload);
-                } else {
-                    $c['conn']->set($full, $payload, intdiv((int) $spec['ttl_ms'] + 999, 1000));
-                }
-                $counts['fills'][$name]++;
+                $c['conn']->set($full, $value, intdiv((int) $spec['ttl_ms'] + 999, 1000));
             }
+            $counts['fills'][$name]++;
         }
     } catch (Throwable $e) {
         $errors++;

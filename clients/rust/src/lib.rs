@@ -59,6 +59,13 @@ pub struct FillToken {
     marker: Marker,
 }
 
+impl FillToken {
+    /// The position the read came after (the marker's), which a fill records with its data.
+    pub fn basis(&self) -> &str {
+        &self.basis
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Marker {
     /// The marker value itself (compared by the fill script).

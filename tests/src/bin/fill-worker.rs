@@ -1,6 +1,7 @@
 //! A load worker for the fill-race test (`tests/tests/fill_race.rs`), the Rust twin of
 //! `clients/php/tests/fill_worker.php`: writes rows and waits on the node barrier, reads
-//! through every configured cache (with the fill protocol, or plain GET/SET), and counts reads
+//! through every configured cache (filling with the protocol's check, or with a plain SET of
+//! what was read), and counts reads
 //! that return a version older than one this worker already committed and waited for.
 //!
 //! Usage: `fill-worker '<json spec>'` (the spec's fields: see [`Spec`]); prints one JSON report.
@@ -48,8 +49,13 @@ struct CacheSpec {
 /// One cache as this worker reads it.
 enum Reader {
     Protocol(NodeCache),
-    PlainRedis(redis::aio::ConnectionManager, String),
-    PlainMemcached(rtinval_client::memcached::Memcached, String),
+    /// Reads through the client, fills with a plain SET on the raw connection.
+    Plain(NodeCache, Raw),
+}
+
+enum Raw {
+    Redis(redis::aio::ConnectionManager),
+    Memcached(rtinval_client::memcached::Memcached),
 }
 
 #[derive(Default)]
@@ -177,44 +183,41 @@ impl Shared {
                     return None;
                 }
             },
-            Reader::PlainRedis(conn, prefix) => {
-                let mut conn = conn.clone();
-                let full = format!("{prefix}{key}");
-                match conn.get::<_, Option<Vec<u8>>>(&full).await {
-                    Ok(Some(v)) => v,
-                    Ok(None) => {
-                        let v = self.load(id).await.ok()?;
-                        self.think(rng).await;
-                        let _: Result<(), _> = conn.pset_ex(&full, &v, self.spec.ttl_ms).await;
-                        counts.fills.fetch_add(1, Ordering::Relaxed);
-                        v
-                    }
-                    Err(_) => {
+            // Plain fills: the same reads, but the fill is stored without the marker check (a
+            // SET), in the protocol's data form so the inspector can judge it too.
+            Reader::Plain(cache, raw) => match cache.get(&key).await {
+                Ok(Lookup::Hit(v)) => v,
+                Ok(Lookup::Miss(token)) => {
+                    let v = self.load(id).await.ok()?;
+                    self.think(rng).await;
+                    let full = format!("{}{key}", self.caches[i].0.prefix);
+                    let value = rtinval_client::protocol::data(token.basis(), &v);
+                    let stored = match raw {
+                        Raw::Redis(conn) => conn
+                            .clone()
+                            .pset_ex::<_, _, ()>(&full, value, self.spec.ttl_ms)
+                            .await
+                            .is_ok(),
+                        Raw::Memcached(mc) => mc
+                            .set(
+                                full.as_bytes(),
+                                &value,
+                                self.spec.ttl_ms.div_ceil(1000) as u32,
+                            )
+                            .await
+                            .is_ok(),
+                    };
+                    if !stored {
                         self.errors.fetch_add(1, Ordering::Relaxed);
-                        return None;
                     }
+                    counts.fills.fetch_add(1, Ordering::Relaxed);
+                    v
                 }
-            }
-            Reader::PlainMemcached(mc, prefix) => {
-                let full = format!("{prefix}{key}");
-                match mc.gets(&[full.as_bytes()]).await {
-                    Ok(mut got) => match got.pop().flatten() {
-                        Some(item) => item.value,
-                        None => {
-                            let v = self.load(id).await.ok()?;
-                            self.think(rng).await;
-                            let ttl = self.spec.ttl_ms.div_ceil(1000) as u32;
-                            let _ = mc.set(full.as_bytes(), &v, ttl).await;
-                            counts.fills.fetch_add(1, Ordering::Relaxed);
-                            v
-                        }
-                    },
-                    Err(_) => {
-                        self.errors.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
+                Err(_) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    return None;
                 }
-            }
+            },
         };
         let seen = version_of(&payload);
         counts.reads.fetch_add(1, Ordering::Relaxed);
@@ -312,15 +315,19 @@ async fn main() {
                 Reader::Protocol(NodeCache::redis(&c.addr, &c.prefix).await.unwrap())
             }
             ("memcached", true) => Reader::Protocol(NodeCache::memcached(&c.addr, &c.prefix)),
-            ("redis", false) => Reader::PlainRedis(
-                redis::aio::ConnectionManager::new(redis::Client::open(c.addr.as_str()).unwrap())
+            ("redis", false) => Reader::Plain(
+                NodeCache::redis(&c.addr, &c.prefix).await.unwrap(),
+                Raw::Redis(
+                    redis::aio::ConnectionManager::new(
+                        redis::Client::open(c.addr.as_str()).unwrap(),
+                    )
                     .await
                     .unwrap(),
-                c.prefix.clone(),
+                ),
             ),
-            _ => Reader::PlainMemcached(
-                rtinval_client::memcached::Memcached::new(&c.addr),
-                c.prefix.clone(),
+            _ => Reader::Plain(
+                NodeCache::memcached(&c.addr, &c.prefix),
+                Raw::Memcached(rtinval_client::memcached::Memcached::new(&c.addr)),
             ),
         };
         caches.push((c.clone(), reader, Counts::default()));
