@@ -7,7 +7,7 @@
 //
 //   GET  /object/{id}              the object with its attributes and tags   (key object:{id})
 //   GET  /port/{id}                a port (full RackTables schema)            (key port:{id})
-//   GET  /ipv4/{a.b.c.d}           an IPv4 allocation (full RackTables schema) (key ipv4:{ip})
+//   GET  /ipv4/{a.b.c.d}           its allocations (full RackTables schema)   (key ipv4:{ip})
 //   POST /object/{id}?name=NEW     rename, then wait for this node's purge
 //
 // Every answer is JSON with "cache": "hit" or "miss" and the worker's pid.
@@ -105,7 +105,8 @@ if (preg_match('#^/object/(\d+)$#', $path, $m) && $method === 'GET') {
     if ($ip === false) {
         fail(400, 'not an IPv4 address');
     }
-    $answer = through(Rtinval\key('ipv4:{ip|ipv4}', ['ip' => $ip]), fn () => one('SELECT object_id, ip, name, type FROM IPv4Allocation WHERE ip = ?', 'i', $ip));
+    // An address may be allocated to several objects (shared, virtual): all of them.
+    $answer = through(Rtinval\key('ipv4:{ip|ipv4}', ['ip' => $ip]), fn () => all('SELECT object_id, ip, name, type FROM IPv4Allocation WHERE ip = ? ORDER BY object_id', 'i', $ip) ?: null);
 } elseif (preg_match('#^/object/(\d+)$#', $path, $m) && $method === 'POST') {
     $id = (int) $m[1];
     $name = (string) ($_GET['name'] ?? '');

@@ -116,6 +116,47 @@ pub fn release_bin(name: &str) -> PathBuf {
     path
 }
 
+/// The shipped RackTables producer config (`deploy/racktables/producer.toml` with its
+/// `rules.toml`), pointed at a test database, the stack's broker and a topic prefix; `edit`
+/// changes anything else.
+pub fn racktables_producer_config(
+    db: &str,
+    prefix: &str,
+    edit: impl FnOnce(&mut toml::Table),
+) -> String {
+    let s = Stack::get();
+    let mut c: toml::Table =
+        std::fs::read_to_string(workspace_root().join("deploy/racktables/producer.toml"))
+            .expect("deploy/racktables/producer.toml")
+            .parse()
+            .expect("deploy/racktables/producer.toml is TOML");
+    let source = c["source"].as_table_mut().expect("[source]");
+    source.insert("url".into(), s.mysql_url.clone().into());
+    source.insert("database".into(), db.into());
+    source.insert("server_id".into(), i64::from(server_id()).into());
+    let kafka = c["kafka"].as_table_mut().expect("[kafka]");
+    kafka.insert("brokers".into(), s.brokers.clone().into());
+    kafka.insert("topic_prefix".into(), prefix.into());
+    kafka.insert("partitions".into(), 1.into());
+    kafka.insert("replication_factor".into(), 1.into());
+    c["producer"]
+        .as_table_mut()
+        .expect("[producer]")
+        .insert("heartbeat_ms".into(), 200.into());
+    c["http"]
+        .as_table_mut()
+        .expect("[http]")
+        .insert("listen".into(), "".into());
+    // The copy lives elsewhere: name the rule set by its absolute path.
+    let rules = workspace_root().join("deploy/racktables/rules.toml");
+    c.insert(
+        "rules_files".into(),
+        toml::Value::Array(vec![rules.display().to_string().into()]),
+    );
+    edit(&mut c);
+    toml::to_string(&c).expect("TOML")
+}
+
 /// A database of its own for one test, created from a schema file.
 pub struct TestDb {
     pub name: String,
@@ -447,13 +488,19 @@ pub fn free_port() -> u16 {
 
 /// Minimal HTTP GET on loopback: (status, body), or `None` when nothing answers.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+/// Minimal HTTP request without a body on loopback: (status, body), or `None` when nothing
+/// answers.
+pub fn http_request(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    // One write: some servers (PHP's built-in one) reject a request that arrives in pieces.
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
 use rtinval_tests::{
-    Stack, TestDb, producer_check, read_events, server_id, start_producer, unique, workspace_root,
+    TestDb, producer_check, racktables_producer_config, read_events, start_producer, unique,
+    workspace_root,
 };
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/racktables-0.22.sql");
@@ -46,36 +47,7 @@ fn schema_tables() -> (BTreeSet<String>, BTreeSet<String>) {
 
 /// The deploy rule set, pointed at a test database, broker and topic prefix.
 fn config_for(db: &str, prefix: &str, edit: impl FnOnce(&mut toml::Table)) -> String {
-    let s = Stack::get();
-    let mut c: toml::Table = std::fs::read_to_string(rule_set_path())
-        .unwrap()
-        .parse()
-        .expect("deploy/racktables/producer.toml is TOML");
-    let source = c["source"].as_table_mut().unwrap();
-    source.insert("url".into(), s.mysql_url.clone().into());
-    source.insert("database".into(), db.into());
-    source.insert("server_id".into(), i64::from(server_id()).into());
-    let kafka = c["kafka"].as_table_mut().unwrap();
-    kafka.insert("brokers".into(), s.brokers.clone().into());
-    kafka.insert("topic_prefix".into(), prefix.into());
-    kafka.insert("partitions".into(), 1.into());
-    kafka.insert("replication_factor".into(), 1.into());
-    c["producer"]
-        .as_table_mut()
-        .unwrap()
-        .insert("heartbeat_ms".into(), 200.into());
-    c["http"]
-        .as_table_mut()
-        .unwrap()
-        .insert("listen".into(), "".into());
-    // The copy lives elsewhere: name the rule set by its absolute path.
-    let rules = workspace_root().join("deploy/racktables/rules.toml");
-    c.insert(
-        "rules_files".into(),
-        toml::Value::Array(vec![rules.display().to_string().into()]),
-    );
-    edit(&mut c);
-    toml::to_string(&c).unwrap()
+    racktables_producer_config(db, prefix, edit)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
