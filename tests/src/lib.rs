@@ -511,6 +511,33 @@ pub fn http_request(addr: &str, method: &str, path: &str) -> Option<(u16, String
     Some((status, body))
 }
 
+/// What the stack's cache of `kind` (`redis` or `memcached`) holds at `key`, as stored.
+pub async fn cache_value(kind: &str, key: &str) -> Option<Vec<u8>> {
+    match kind {
+        "redis" => {
+            let mut r = redis().await;
+            redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut r)
+                .await
+                .expect("redis GET")
+        }
+        _ => {
+            let addr = Stack::get()
+                .memcached
+                .trim_start_matches("memcached://")
+                .to_owned();
+            rtinval_client::memcached::Memcached::new(&addr)
+                .gets(&[key.as_bytes()])
+                .await
+                .expect("memcached gets")
+                .pop()
+                .flatten()
+                .map(|i| i.value)
+        }
+    }
+}
+
 /// A Redis connection to the stack's Redis.
 pub async fn redis() -> redis::aio::MultiplexedConnection {
     let url = &Stack::get().redis_url;

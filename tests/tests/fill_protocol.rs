@@ -10,7 +10,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use rtinval_client::protocol::{APPLIED_KEY, FILL_SCRIPT, READ_SCRIPT, Stored};
 use rtinval_client::{ClientError, Lookup, NodeCache};
 use rtinval_consumer::apply::{Cache, Purged};
@@ -64,16 +63,7 @@ fn hit(l: Lookup) -> Vec<u8> {
 }
 
 async fn raw(kind: &str, key: &str) -> Option<Vec<u8>> {
-    match kind {
-        "redis" => rtinval_tests::redis().await.get(key).await.unwrap(),
-        _ => rtinval_client::memcached::Memcached::new(&memcached_addr())
-            .gets(&[key.as_bytes()])
-            .await
-            .unwrap()
-            .pop()
-            .flatten()
-            .map(|i| i.value),
-    }
+    rtinval_tests::cache_value(kind, key).await
 }
 
 async fn rules_hold(kind: &str) {

@@ -23,7 +23,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
-use redis::AsyncCommands;
 use rtinval_client::protocol::Stored;
 use rtinval_tests::{
     ConsumerProc, Stack, TestDb, consumer_kafka_section, http_get, release_bin, server_id,
@@ -283,23 +282,12 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         http_get(&node.http, &format!("/wait?gtid={gtid}&timeout_ms=30000")).unwrap();
     assert_eq!(status, 200, "the node never reached the last write: {body}");
     let rows: Vec<(u64, u64)> = conn.query("SELECT id, version FROM Object").await.unwrap();
-    let mut redis = rtinval_tests::redis().await;
-    let mc = rtinval_client::memcached::Memcached::new(&cache_addr("memcached"));
     let mut older = BTreeMap::new();
     for (name, kind, _) in CACHES {
         let mut n = 0;
         for (id, version) in &rows {
             let key = format!("{}object:{id}", cache_prefix(&prefix, name));
-            let value: Option<Vec<u8>> = match kind {
-                "redis" => redis.get(&key).await.unwrap(),
-                _ => mc
-                    .gets(&[key.as_bytes()])
-                    .await
-                    .unwrap()
-                    .pop()
-                    .flatten()
-                    .map(|i| i.value),
-            };
+            let value = rtinval_tests::cache_value(kind, &key).await;
             let payload = match value.as_deref().map(Stored::parse) {
                 Some(Stored::Data { payload, .. }) | Some(Stored::Foreign(payload)) => payload,
                 _ => continue, // nothing, a tombstone or a lease: the next read goes to MariaDB

@@ -18,6 +18,25 @@ use serde_json::json;
 const TTL: Duration = Duration::from_secs(300);
 const PAYLOAD: &[u8] = &[b'x'; 512];
 
+/// The protocol's miss + fill, then its hits, over `ops` keys.
+async fn protocol_rows(cache: &NodeCache, ops: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let miss = timed(ops, async |i| {
+        let Lookup::Miss(t) = cache.get(&format!("p:{i}")).await.unwrap() else {
+            panic!("expected a miss")
+        };
+        assert!(cache.fill(t, PAYLOAD, TTL).await.unwrap());
+    })
+    .await;
+    let hit = timed(ops, async |i| {
+        assert!(matches!(
+            cache.get(&format!("p:{i}")).await.unwrap(),
+            Lookup::Hit(_)
+        ));
+    })
+    .await;
+    (miss, hit)
+}
+
 struct Row {
     cache: &'static str,
     op: &'static str,
@@ -70,25 +89,12 @@ async fn main() {
         let _: () = plain.pset_ex(&k, PAYLOAD, 300_000).await.unwrap();
     })
     .await;
-    let proto_miss = timed(ops, async |i| {
-        let Lookup::Miss(t) = cache.get(&format!("p:{i}")).await.unwrap() else {
-            panic!("expected a miss")
-        };
-        assert!(cache.fill(t, PAYLOAD, TTL).await.unwrap());
-    })
-    .await;
     let plain_hit = timed(ops, async |i| {
         let v: Option<Vec<u8>> = plain.get(format!("{prefix}plain:{i}")).await.unwrap();
         assert!(v.is_some());
     })
     .await;
-    let proto_hit = timed(ops, async |i| {
-        assert!(matches!(
-            cache.get(&format!("p:{i}")).await.unwrap(),
-            Lookup::Hit(_)
-        ));
-    })
-    .await;
+    let (proto_miss, proto_hit) = protocol_rows(&cache, ops).await;
     rows.push(Row {
         cache: "redis",
         op: "read (hit)",
@@ -115,25 +121,12 @@ async fn main() {
         mc.set(k.as_bytes(), PAYLOAD, 300).await.unwrap();
     })
     .await;
-    let proto_miss = timed(ops, async |i| {
-        let Lookup::Miss(t) = cache.get(&format!("p:{i}")).await.unwrap() else {
-            panic!("expected a miss")
-        };
-        assert!(cache.fill(t, PAYLOAD, TTL).await.unwrap());
-    })
-    .await;
     let plain_hit = timed(ops, async |i| {
         let k = format!("{prefix}plain:{i}");
         assert!(mc.gets(&[k.as_bytes()]).await.unwrap()[0].is_some());
     })
     .await;
-    let proto_hit = timed(ops, async |i| {
-        assert!(matches!(
-            cache.get(&format!("p:{i}")).await.unwrap(),
-            Lookup::Hit(_)
-        ));
-    })
-    .await;
+    let (proto_miss, proto_hit) = protocol_rows(&cache, ops).await;
     rows.push(Row {
         cache: "memcached",
         op: "read (hit)",
