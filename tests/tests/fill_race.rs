@@ -178,7 +178,7 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
     let php = workspace_root().join("clients/php/tests/fill_worker.php");
     let mut children = Vec::new();
     for n in 0..2 {
-        let s = spec(&format!("rust-{n}"), 100.0, 900.0, 64, 96, 150);
+        let s = spec(&format!("rust-{n}"), 110.0, 900.0, 64, 96, 150);
         children.push(
             Command::new(release_bin("fill-worker"))
                 .arg(s)
