@@ -107,7 +107,7 @@ pub struct Tally {
 pub struct Report {
     pub delay_secs: f64,
     pub caches: BTreeMap<String, Tally>,
-    /// Violations as `cache key purged-at basis` (the first 100).
+    /// Violations as `cache key purged-at basis` (the first 1,000).
     pub violations: Vec<String>,
 }
 
@@ -256,7 +256,7 @@ pub async fn run(
                     tally.violations += 1;
                     warn!(cache = %due.cache, key = %key, purged_at = %due.position, read_after = %basis,
                         "Inspector: a cached value is older than an invalidation it outlived.");
-                    if report.violations.len() < 100 {
+                    if report.violations.len() < 1000 {
                         report
                             .violations
                             .push(format!("{} {key} {} {basis}", due.cache, due.position));

@@ -45,6 +45,7 @@ $writes = 0;
 $waitFailures = 0;
 $errors = 0;
 $examples = [];
+$staleKeys = [];
 
 $load = function (int $id) use ($db): string {
     $st = $db->prepare('SELECT version FROM Object WHERE id = ?');
@@ -59,7 +60,7 @@ $think = function () use ($spec): void {
     }
 };
 
-$read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$examples, $spec, $load, $think): void {
+$read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$examples, &$staleKeys, $spec, $load, $think): void {
     $c = $caches[$i];
     $name = $c['spec']['name'];
     $key = Rtinval\key($spec['template'], ['id' => $id]);
@@ -95,6 +96,7 @@ $read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$e
     $counts['reads'][$name]++;
     if ($seen < $mine) {
         $counts['stale'][$name]++;
+        $staleKeys[$name][$key] = true;
         if (count($examples) < 5) {
             $examples[] = "$name: $key read version $seen after this worker committed $mine";
         }
@@ -164,4 +166,5 @@ echo json_encode([
     'fills' => $counts['fills'],
     'fills_rejected' => $counts['fills_rejected'],
     'examples' => $examples,
+    'stale_keys' => (object) array_map('array_keys', $staleKeys),
 ]), "\n";

@@ -79,6 +79,8 @@ struct Shared {
     wait_failures: AtomicU64,
     errors: AtomicU64,
     examples: Mutex<Vec<String>>,
+    /// Keys read stale, per cache (for comparing with the inspector's findings).
+    stale_keys: Mutex<BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
 
 fn spec(v: &Value) -> Spec {
@@ -223,6 +225,12 @@ impl Shared {
         counts.reads.fetch_add(1, Ordering::Relaxed);
         if seen < own {
             counts.stale.fetch_add(1, Ordering::Relaxed);
+            self.stale_keys
+                .lock()
+                .await
+                .entry(self.caches[i].0.name.clone())
+                .or_default()
+                .insert(key.clone());
             // What the cache holds now: for a fill, the basis says which purge it passed.
             let stored = match &self.caches[i].0 {
                 c if c.kind == "redis" => {
@@ -343,6 +351,7 @@ async fn main() {
         wait_failures: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         examples: Mutex::default(),
+        stale_keys: Mutex::default(),
         spec,
     });
     let deadline = Instant::now() + Duration::from_secs(shared.spec.seconds);
@@ -406,6 +415,7 @@ async fn main() {
         "fills": per(|c| &c.fills),
         "fills_rejected": per(|c| &c.fills_rejected),
         "examples": *shared.examples.lock().await,
+        "stale_keys": *shared.stale_keys.lock().await,
     });
     println!("{report}");
 }
