@@ -11,6 +11,10 @@
 //! - **unverifiable**: data without a comparable position (a value not written by the clients,
 //!   or a basis of `-`).
 //!
+//! A purge is judged only once the node has applied it (the node's `/wait` on `http.listen`
+//! answers 200): a node running behind is stale — `rtinval_consumer_staleness_seconds` says so
+//! — not inconsistent.
+//!
 //! A line every `--report-secs` says "N of M checked keys consistent after D s" per cache; the
 //! counts are the metric `rtinval_consumer_inspected_keys_total{cache,verdict}` (with
 //! `--listen`). Reading never joins or commits to a consumer group.
@@ -214,6 +218,15 @@ pub async fn run(
         delay_secs: settings.delay.as_secs_f64(),
         ..Report::default()
     };
+    // The node's barrier (http.listen of the config), to check only purges the node applied.
+    let node = (!config.http.listen.is_empty())
+        .then(|| rtinval_client::Barrier::new(&format!("http://{}", config.http.listen)));
+    let mut confirmed: BTreeMap<String, u64> = BTreeMap::new();
+    if node.is_none() {
+        warn!(
+            "http.listen is empty: the inspector cannot ask the node what it has applied, so a node running behind by more than the delay shows as violations."
+        );
+    }
     let mut next_report = tokio::time::Instant::now() + settings.report_every;
     loop {
         let due = tokio::select! {
@@ -237,6 +250,38 @@ pub async fn run(
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
             }
+        }
+        // Judge the node only for what it has applied: a node running behind is stale, not
+        // inconsistent (its barrier says when it has applied the purge; one answer covers
+        // every purge up to the position it names).
+        let covered = rtinval_client::protocol::gtid_parts(&due.position)
+            .is_some_and(|(d, n)| confirmed.get(d).is_some_and(|c| *c >= n));
+        let answer = match &node {
+            Some(node) if !covered => Some(
+                node.wait_answer(&due.position, Duration::from_secs(10))
+                    .await,
+            ),
+            _ => None,
+        };
+        if let Some(Ok(body)) = &answer {
+            for (d, n) in applied_gtids(body) {
+                let c = confirmed.entry(d).or_insert(0);
+                *c = (*c).max(n);
+            }
+        }
+        if let Some(Err(e)) = answer {
+            warn!(cache = %due.cache, position = %due.position, error = %e, "Inspector: the node has not applied this purge; its keys are counted unverifiable.");
+            let tally = report.caches.entry(due.cache.clone()).or_default();
+            tally.checked += due.keys.len() as u64;
+            tally.unverifiable += due.keys.len() as u64;
+            metrics
+                .inspected_keys
+                .get_or_create(&InspectLabel {
+                    cache: due.cache.clone(),
+                    verdict: "unverifiable",
+                })
+                .inc_by(due.keys.len() as u64);
+            continue;
         }
         for key in &due.keys {
             let stored = match reader.get(key).await {
@@ -283,6 +328,28 @@ pub async fn run(
     Ok(report)
 }
 
+/// The GTIDs a `/wait` answer says the node applied: `"applied":"file:pos (gtid 0-*-17,1-*-5)"`
+/// → `[("0", 17), ("1", 5)]`.
+fn applied_gtids(answer: &str) -> Vec<(String, u64)> {
+    let applied = serde_json::from_str::<serde_json::Value>(answer)
+        .ok()
+        .and_then(|v| v["applied"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let Some(list) = applied
+        .split_once("(gtid ")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+    else {
+        return Vec::new();
+    };
+    list.split(',')
+        .filter_map(|g| {
+            let mut it = g.trim().split('-');
+            let (d, _, n) = (it.next()?, it.next()?, it.next()?);
+            Some((d.to_owned(), n.parse().ok()?))
+        })
+        .collect()
+}
+
 fn log_report(report: &Report) {
     for (cache, t) in &report.caches {
         info!(
@@ -303,6 +370,16 @@ fn log_report(report: &Report) {
 mod tests {
     use super::*;
     use rtinval_client::protocol::{data, lease, tombstone};
+
+    #[test]
+    fn a_wait_answer_names_the_gtids_applied() {
+        assert_eq!(
+            applied_gtids(r#"{"status":"applied","applied":"bin.000001:5 (gtid 0-*-17,1-*-5)"}"#),
+            vec![("0".to_owned(), 17), ("1".to_owned(), 5)]
+        );
+        assert!(applied_gtids(r#"{"applied":"bin.000001:5"}"#).is_empty());
+        assert!(applied_gtids("not json").is_empty());
+    }
 
     #[test]
     fn values_are_judged_by_the_position_they_were_read_after() {

@@ -750,6 +750,18 @@ impl ConsumerProc {
 
     /// Like [`ConsumerProc::start`] with an explicit binary (e.g. a release build).
     pub fn start_with(dir: &Path, name: &str, config: &str, binary: &Path) -> ConsumerProc {
+        ConsumerProc::start_logging(dir, name, config, binary, "info,rtinval_consumer=debug")
+    }
+
+    /// Like [`ConsumerProc::start_with`] with a log filter of its own (load tests log at
+    /// `info`: a debug line per event costs CPU the measurement needs).
+    pub fn start_logging(
+        dir: &Path,
+        name: &str,
+        config: &str,
+        binary: &Path,
+        log: &str,
+    ) -> ConsumerProc {
         let http = format!("127.0.0.1:{}", free_port());
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, format!("{config}\n[http]\nlisten = \"{http}\"\n"))
@@ -760,7 +772,7 @@ impl ConsumerProc {
                 .arg("--config")
                 .arg(&path)
                 .arg("run")
-                .env("RTINVAL_LOG", "info,rtinval_consumer=debug"),
+                .env("RTINVAL_LOG", log),
             dir.join(format!("{name}.log")),
         );
         ConsumerProc { proc, http }

@@ -154,6 +154,43 @@ async fn memcached_a_fill_is_stored_only_if_no_purge_came_since_its_read() {
 }
 
 #[tokio::test]
+async fn redis_a_late_purge_never_replaces_a_newer_positions_marker() {
+    let (cache, client, prefix) = pair("redis").await;
+    let keys = |k: &str| vec![k.to_owned()];
+    let stored = async |k: &str| raw("redis", &format!("{prefix}{k}")).await.unwrap();
+    // A retried or redelivered older purge after a newer one: the newer tombstone stays.
+    cache.purge(&keys("object:1"), "0-1-9").await.unwrap();
+    cache.purge(&keys("object:1"), "0-1-7").await.unwrap();
+    assert_eq!(
+        Stored::parse(&stored("object:1").await),
+        Stored::Tombstone { position: "0-1-9" }
+    );
+    // Data read after the newer purge stays too; a newer purge replaces it.
+    let token = miss(client.get("object:1").await.unwrap());
+    assert!(client.fill(token, b"fresh", TTL).await.unwrap());
+    cache.purge(&keys("object:1"), "0-1-8").await.unwrap();
+    assert_eq!(hit(client.get("object:1").await.unwrap()), b"fresh");
+    cache.purge(&keys("object:1"), "0-1-10").await.unwrap();
+    miss(client.get("object:1").await.unwrap());
+    // Another GTID domain, or a file position, is not comparable: always purged.
+    cache.purge(&keys("object:1"), "1-1-3").await.unwrap();
+    assert_eq!(
+        Stored::parse(&stored("object:1").await),
+        Stored::Tombstone { position: "1-1-3" }
+    );
+    cache
+        .purge(&keys("object:1"), "bin.000001:4")
+        .await
+        .unwrap();
+    assert_eq!(
+        Stored::parse(&stored("object:1").await),
+        Stored::Tombstone {
+            position: "bin.000001:4"
+        }
+    );
+}
+
+#[tokio::test]
 async fn redis_a_fill_after_its_lease_expired_is_refused() {
     let (_cache, client, _) = pair("redis").await;
     let client = client.with_lease_ttl(Duration::from_millis(50));
@@ -184,6 +221,17 @@ async fn redis_the_consumer_loads_the_scripts_and_clients_survive_a_script_flush
         .unwrap();
     let token = miss(client.get("object:1").await.unwrap());
     assert!(client.fill(token, b"v", TTL).await.unwrap());
+    // The consumer's purge too: it loads its script again and purges.
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+    cache
+        .purge(&["object:1".to_owned()], "0-1-3")
+        .await
+        .unwrap();
+    miss(client.get("object:1").await.unwrap());
     cache.check_identity().await.unwrap();
     let exists: Vec<bool> = redis::cmd("SCRIPT")
         .arg("EXISTS")

@@ -54,13 +54,13 @@ $load = function (int $id) use ($db): string {
     $row = $st->get_result()->fetch_row();
     return $id . ':' . ($row[0] ?? 0);
 };
-$think = function () use ($spec): void {
-    if ($spec['think_ms'] > 0) {
+$think = function (bool $slow) use ($spec): void {
+    if ($slow && $spec['think_ms'] > 0) {
         usleep(random_int(0, (int) $spec['think_ms']) * 1000);
     }
 };
 
-$read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$examples, &$staleKeys, $spec, $load, $think): void {
+$read = function (int $i, int $id, bool $slow) use (&$caches, &$counts, &$own, &$errors, &$examples, &$staleKeys, $spec, $load, $think): void {
     $c = $caches[$i];
     $name = $c['spec']['name'];
     $key = Rtinval\key($spec['template'], ['id' => $id]);
@@ -73,12 +73,12 @@ $read = function (int $i, int $id) use (&$caches, &$counts, &$own, &$errors, &$e
             $payload = $r->value;
         } elseif ($c['spec']['protocol']) {
             $payload = $load($id);
-            $think();
+            $think($slow);
             $counts[$c['cache']->fill($r->token, $payload, (int) $spec['ttl_ms']) ? 'fills' : 'fills_rejected'][$name]++;
         } else {
             // Plain fills: the same read, stored without the marker check.
             $payload = $load($id);
-            $think();
+            $think($slow);
             $value = Rtinval\Protocol::data($r->token->basis, $payload);
             if ($c['spec']['kind'] === 'redis') {
                 $c['conn']->psetex($full, (int) $spec['ttl_ms'], $value);
@@ -143,13 +143,13 @@ while (($now = microtime(true)) < $deadline) {
             $errors++;
             continue;
         }
-        // Read-your-writes: the row just written, through every cache.
+        // Read-your-writes: the row just written, through every cache, at once.
         foreach (array_keys($caches) as $i) {
-            $read($i, $id);
+            $read($i, $id, false);
         }
     } elseif ($now >= $nextRead) {
         $nextRead += $readEvery;
-        $read($n++ % count($caches), random_int(1, (int) $spec['rows']));
+        $read($n++ % count($caches), random_int(1, (int) $spec['rows']), true);
     } else {
         usleep((int) (max(0, min($nextWrite, $nextRead) - $now) * 1e6));
     }

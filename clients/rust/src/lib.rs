@@ -300,6 +300,16 @@ impl Barrier {
     /// Wait until this node has applied every invalidation up to `position` (MariaDB
     /// `@@last_gtid` after the commit, a MySQL GTID set, or `file:pos`).
     pub async fn wait(&self, position: &str, timeout: Duration) -> Result<(), WaitError> {
+        self.wait_answer(position, timeout).await.map(|_| ())
+    }
+
+    /// Like [`Barrier::wait`], returning the node's answer (JSON; `applied` names how far the
+    /// node got, e.g. `mariadb-bin.000001:4242 (gtid 0-*-17)`).
+    pub async fn wait_answer(
+        &self,
+        position: &str,
+        timeout: Duration,
+    ) -> Result<String, WaitError> {
         let resp = self
             .http
             .get(format!(
@@ -315,7 +325,7 @@ impl Barrier {
         let status = resp.status().as_u16();
         let body = resp.text().await.unwrap_or_default().trim().to_owned();
         match status {
-            200 => Ok(()),
+            200 => Ok(body),
             504 => Err(WaitError::Timeout(body)),
             503 => Err(WaitError::Unavailable(body)),
             400 => Err(WaitError::BadPosition(body)),

@@ -25,6 +25,21 @@ pub const READ_SCRIPT: &str = include_str!("../../lua/read.lua");
 /// The Redis fill script (`KEYS`: key; `ARGV`: marker, value, TTL ms or 0).
 pub const FILL_SCRIPT: &str = include_str!("../../lua/fill.lua");
 
+/// The consumer's Redis purge script (`KEYS`: keys; `ARGV`: tombstone, TTL ms, GTID domain,
+/// GTID sequence number or empty).
+pub const PURGE_SCRIPT: &str = include_str!("../../lua/purge.lua");
+
+/// A MariaDB GTID's domain and sequence number (`0-1-17` → `("0", 17)`), for the purge
+/// script's "never replace a newer position" check.
+pub fn gtid_parts(position: &str) -> Option<(&str, u64)> {
+    let mut it = position.split('-');
+    let (d, s, n) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() || d.parse::<u32>().is_err() || s.parse::<u32>().is_err() {
+        return None;
+    }
+    Some((d, n.parse().ok()?))
+}
+
 /// What a protocol cache holds for a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored<'a> {

@@ -201,7 +201,7 @@ impl Cache {
         let tombstone = protocol::tombstone(position, &protocol::nonce());
         match &self.backend {
             Backend::Redis(r) => r
-                .tombstone(keys, &tombstone, &applied, p.tombstone_ttl)
+                .tombstone(keys, &tombstone, position, &applied, p.tombstone_ttl)
                 .await
                 .map(|()| Purged::Keys),
             Backend::Memcached(m) => match m.prefixed(keys) {

@@ -37,6 +37,9 @@ pub struct RedisCache {
     /// Load the fill protocol's scripts with each identity check (so workers' EVALSHA finds
     /// them, also on a server that restarted).
     scripts: bool,
+    /// SHA1 of the purge script (loaded with the identity check, which precedes any purge on
+    /// a new connection or server).
+    purge_sha: String,
 }
 
 impl RedisCache {
@@ -73,6 +76,9 @@ impl RedisCache {
             watch: Arc::new(Watch::new(name, metrics)),
             checked: Arc::new(AtomicI64::new(-1)),
             scripts: config.fill_protocol,
+            purge_sha: redis::Script::new(protocol::PURGE_SCRIPT)
+                .get_hash()
+                .to_owned(),
         };
         cache.check_identity().await?;
         Ok(cache)
@@ -85,7 +91,11 @@ impl RedisCache {
         let mut pipe = redis::pipe();
         pipe.cmd("CLIENT").arg("ID").cmd("INFO");
         if self.scripts {
-            for script in [protocol::READ_SCRIPT, protocol::FILL_SCRIPT] {
+            for script in [
+                protocol::READ_SCRIPT,
+                protocol::FILL_SCRIPT,
+                protocol::PURGE_SCRIPT,
+            ] {
                 pipe.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
             }
         }
@@ -145,12 +155,14 @@ impl RedisCache {
         self.checked_connection(id).await
     }
 
-    /// Fill protocol: replace `keys` (prefixed here) by `tombstone` for `ttl`, and store the
+    /// Fill protocol: replace `keys` (prefixed here) by `tombstone` for `ttl` — except where
+    /// a key holds a marker or data of a newer position (the purge script) — and store the
     /// applied position first, all in one pipelined round trip.
     pub async fn tombstone(
         &self,
         keys: &[String],
         tombstone: &str,
+        position: &str,
         applied: &str,
         ttl: std::time::Duration,
     ) -> Result<(), CacheError> {
@@ -166,16 +178,37 @@ impl RedisCache {
                 .arg(applied)
                 .ignore();
         }
-        for k in keys {
-            pipe.cmd("SET")
-                .arg(format!("{}{k}", self.prefix))
-                .arg(tombstone)
-                .arg("PX")
+        // One script call per chunk: a late purge never replaces a newer position's marker.
+        let (domain, seq) = match protocol::gtid_parts(position) {
+            Some((d, n)) => (d.to_owned(), n.to_string()),
+            None => (String::new(), String::new()),
+        };
+        for chunk in keys.chunks(CHUNK) {
+            let cmd = pipe.cmd("EVALSHA").arg(&self.purge_sha).arg(chunk.len());
+            for k in chunk {
+                cmd.arg(format!("{}{k}", self.prefix));
+            }
+            cmd.arg(tombstone)
                 .arg(ttl_ms)
+                .arg(&domain)
+                .arg(&seq)
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        let (id,): (i64,) = pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
+        let (id,): (i64,) = match pipe.query_async(&mut conn).await {
+            Ok(v) => v,
+            // A server that lost its scripts (restart, SCRIPT FLUSH): load, send again.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(protocol::PURGE_SCRIPT)
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?
+            }
+            Err(e) => return Err(self.err(e)),
+        };
         self.checked_connection(id).await
     }
 

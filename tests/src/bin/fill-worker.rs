@@ -33,6 +33,8 @@ struct Spec {
     writers: usize,
     readers: usize,
     think_ms: u64,
+    /// Read the written row again this long after the first read (a user's reload); 0: no.
+    reread_ms: u64,
     ttl_ms: u64,
     template: String,
 }
@@ -113,6 +115,7 @@ fn spec(v: &Value) -> Spec {
         writers: n("writers") as usize,
         readers: n("readers") as usize,
         think_ms: n("think_ms") as u64,
+        reread_ms: v["reread_ms"].as_u64().unwrap_or(0),
         ttl_ms: n("ttl_ms") as u64,
         template: s("template"),
     }
@@ -153,14 +156,15 @@ impl Shared {
         Ok(format!("{id}:{}", v.unwrap_or(0)).into_bytes())
     }
 
-    async fn think(&self, rng: &mut Rng) {
-        if self.spec.think_ms > 0 {
+    async fn think(&self, rng: &mut Rng, slow: bool) {
+        if slow && self.spec.think_ms > 0 {
             tokio::time::sleep(Duration::from_millis(rng.below(self.spec.think_ms + 1))).await;
         }
     }
 
-    /// Read row `id` through cache `i`; returns the version seen.
-    async fn read(&self, i: usize, id: u64, rng: &mut Rng) -> Option<u64> {
+    /// Read row `id` through cache `i`; returns the version seen. A `slow` reader thinks
+    /// between its source read and its fill.
+    async fn read(&self, i: usize, id: u64, rng: &mut Rng, slow: bool) -> Option<u64> {
         let (_, reader, counts) = &self.caches[i];
         let key = self.key(id);
         // What this worker had committed and waited for when the read started: the read must
@@ -172,7 +176,7 @@ impl Shared {
                 Ok(Lookup::Hit(v)) => v,
                 Ok(Lookup::Miss(token)) => {
                     let v = self.load(id).await.ok()?;
-                    self.think(rng).await;
+                    self.think(rng, slow).await;
                     match cache.fill(token, &v, ttl).await {
                         Ok(true) => counts.fills.fetch_add(1, Ordering::Relaxed),
                         Ok(false) => counts.fills_rejected.fetch_add(1, Ordering::Relaxed),
@@ -191,7 +195,7 @@ impl Shared {
                 Ok(Lookup::Hit(v)) => v,
                 Ok(Lookup::Miss(token)) => {
                     let v = self.load(id).await.ok()?;
-                    self.think(rng).await;
+                    self.think(rng, slow).await;
                     let full = format!("{}{key}", self.caches[i].0.prefix);
                     let value = rtinval_client::protocol::data(token.basis(), &v);
                     let stored = match raw {
@@ -257,8 +261,14 @@ impl Shared {
                 }
             };
             let gtid = self.own_gtid.lock().await.get(&id).cloned();
+            let name = &self.caches[i].0.name;
             let mut ex = self.examples.lock().await;
-            if ex.len() < 5 {
+            if ex
+                .iter()
+                .filter(|e| e.starts_with(&format!("{name}:")))
+                .count()
+                < 3
+            {
                 ex.push(format!(
                     "{}: {key} read version {seen} after this worker committed {own} (gtid {gtid:?}); the cache holds {stored:?}",
                     self.caches[i].0.name
@@ -370,9 +380,17 @@ async fn main() {
                     s.errors.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                // Read-your-writes: the row just written, through every cache.
+                // Read-your-writes: the row just written, through every cache, at once (the
+                // background readers are the slow ones).
                 for i in 0..s.caches.len() {
-                    s.read(i, id, &mut rng).await;
+                    s.read(i, id, &mut rng, false).await;
+                }
+                // And again a moment later, as a user reloading the page would.
+                if s.spec.reread_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(s.spec.reread_ms)).await;
+                    for i in 0..s.caches.len() {
+                        s.read(i, id, &mut rng, false).await;
+                    }
                 }
             }
         }));
@@ -387,7 +405,7 @@ async fn main() {
                 tick.tick().await;
                 let id = rng.below(s.spec.rows) + 1;
                 n += 1;
-                s.read(n % s.caches.len(), id, &mut rng).await;
+                s.read(n % s.caches.len(), id, &mut rng, true).await;
             }
         }));
     }
