@@ -324,7 +324,7 @@ impl Config {
                 }
                 ReloadKind::Http => {
                     let url = p.url.as_deref().unwrap_or("");
-                    crate::apply::http::HttpTarget::parse(url)
+                    HttpTarget::parse(url)
                         .map_err(|e| ConfigError::Invalid(format!("pools.{name}: url: {e}")))?;
                     if !p.method.chars().all(|c| c.is_ascii_uppercase()) || p.method.is_empty() {
                         return invalid(format!(
@@ -471,6 +471,48 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_owned(),
         },
         _ => url.to_owned(),
+    }
+}
+
+/// A parsed `http://host:port/path` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTarget {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) path: String,
+}
+
+impl std::fmt::Display for HttpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}:{}{}", self.host, self.port, self.path)
+    }
+}
+
+impl HttpTarget {
+    pub fn parse(url: &str) -> Result<HttpTarget, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            format!("{url:?} must start with http:// (https is not supported for reload endpoints)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("{url:?}: bad port {p:?}"))?,
+            ),
+            None => (authority, 80),
+        };
+        if host.is_empty() || host.contains('@') {
+            return Err(format!("{url:?}: needs a host (and no credentials)"));
+        }
+        Ok(HttpTarget {
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+        })
     }
 }
 

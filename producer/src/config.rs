@@ -2,7 +2,6 @@
 //! cross-field rules before anything connects. Secrets may come from the environment:
 //! `RTINVAL_SOURCE_PASSWORD` overrides the password in `source.url`.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,6 +9,8 @@ use rtinval_schemas::Op;
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+/// The compiled rule lives with the templates it is made of.
+pub use crate::rules::Rule;
 use crate::rules::Template;
 
 /// The whole producer configuration file.
@@ -242,34 +243,6 @@ fn default_producer_listen() -> String {
 }
 fn default_ops() -> Vec<Op> {
     vec![Op::Insert, Op::Update, Op::Delete]
-}
-
-/// A rule with its table resolved to `database.table` and templates parsed.
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub database: String,
-    pub table: String,
-    pub ops: BTreeSet<Op>,
-    pub when_changed: Vec<String>,
-    pub reset_pools: Vec<String>,
-    pub cache: Option<String>,
-    pub keys: Vec<Template>,
-}
-
-impl Rule {
-    /// `database.table`.
-    pub fn qualified_table(&self) -> String {
-        format!("{}.{}", self.database, self.table)
-    }
-
-    /// Every column the rule reads: template placeholders and `when_changed`.
-    pub fn columns(&self) -> BTreeSet<&str> {
-        self.keys
-            .iter()
-            .flat_map(Template::columns)
-            .chain(self.when_changed.iter().map(String::as_str))
-            .collect()
-    }
 }
 
 impl Config {

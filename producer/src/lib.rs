@@ -10,7 +10,8 @@
 //!
 //! Plus [`cascade`] (pure: foreign keys → the chains of rows InnoDB changes unlogged, which
 //! [`rules`] compiles against each parent table), [`config`] (TOML), [`error`] (one enum per
-//! boundary) and [`metrics`] (Prometheus, probes).
+//! boundary), [`metrics`] (Prometheus, probes) and [`position`] (the source position the
+//! stages hand on).
 //!
 //! Guarantees:
 //! - **Order and completeness.** Every commit of a watched table that produces intents becomes
@@ -34,6 +35,7 @@ pub mod decode;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod position;
 pub mod publish;
 pub mod rules;
 pub mod source;

@@ -25,10 +25,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::checkpoint::Position;
 use crate::config::{Config, KafkaConfig, WireFormat};
 use crate::error::KafkaError;
 use crate::metrics::Metrics;
+use crate::position::Position;
 
 /// Topic names derived from the prefix.
 #[derive(Debug, Clone)]

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use rtinval_schemas::Op;
 
 use crate::cascade::CascadeChain;
-use crate::config::Rule;
 use crate::decode::{RowChange, TableShape, Value, push_hex};
 
 /// A parsed key template such as `object:{id}` or `{objtype_id|realm}:{id}`.
@@ -507,6 +506,34 @@ pub fn intents(rules: &TableRules, change: &RowChange) -> Vec<Intent> {
     let mut out = Vec::new();
     rules.intents(change, &mut out);
     out
+}
+
+/// A rule with its table resolved to `database.table` and templates parsed.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub database: String,
+    pub table: String,
+    pub ops: BTreeSet<Op>,
+    pub when_changed: Vec<String>,
+    pub reset_pools: Vec<String>,
+    pub cache: Option<String>,
+    pub keys: Vec<Template>,
+}
+
+impl Rule {
+    /// `database.table`.
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", self.database, self.table)
+    }
+
+    /// Every column the rule reads: template placeholders and `when_changed`.
+    pub fn columns(&self) -> BTreeSet<&str> {
+        self.keys
+            .iter()
+            .flat_map(Template::columns)
+            .chain(self.when_changed.iter().map(String::as_str))
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -29,11 +29,11 @@ use tracing::{debug, info, warn};
 
 use crate::batch::{Batcher, Commit};
 use crate::cascade::{self, CascadeChain};
-use crate::checkpoint::Position;
 use crate::config::{Config, Rule};
 use crate::decode::{self, RowChange, Value};
 use crate::error::{ER_ACCESS_DENIED_ERROR, SourceError, is_privilege_error};
 use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
+use crate::position::Position;
 use crate::publish::Batch;
 use crate::rules::{Intent, TableRules};
 

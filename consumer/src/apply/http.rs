@@ -6,47 +6,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A parsed `http://host:port/path` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpTarget {
-    host: String,
-    port: u16,
-    path: String,
-}
-
-impl std::fmt::Display for HttpTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}:{}{}", self.host, self.port, self.path)
-    }
-}
+/// The URL is parsed with the config (a malformed one is a config error).
+pub use crate::config::HttpTarget;
 
 impl HttpTarget {
-    pub fn parse(url: &str) -> Result<HttpTarget, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("{url:?} must start with http:// (https is not supported for reload endpoints)")
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("{url:?}: bad port {p:?}"))?,
-            ),
-            None => (authority, 80),
-        };
-        if host.is_empty() || host.contains('@') {
-            return Err(format!("{url:?}: needs a host (and no credentials)"));
-        }
-        Ok(HttpTarget {
-            host: host.to_owned(),
-            port,
-            path: path.to_owned(),
-        })
-    }
-
     /// Send `method` with an empty body; `Ok` on a 2xx status.
     pub async fn call(&self, method: &str, timeout: Duration) -> Result<(), String> {
         let (status, _) = self.request(method, timeout).await?;
