@@ -115,6 +115,26 @@ pub struct Report {
     pub violations: Vec<String>,
 }
 
+impl Report {
+    /// Count `n` keys of `cache` with verdict `v`, in the report and the metric.
+    fn count(&mut self, metrics: &Metrics, cache: &str, v: &Verdict, n: u64) {
+        let tally = self.caches.entry(cache.to_owned()).or_default();
+        tally.checked += n;
+        match v {
+            Verdict::Consistent => tally.consistent += n,
+            Verdict::Violation { .. } => tally.violations += n,
+            Verdict::Unverifiable => tally.unverifiable += n,
+        }
+        metrics
+            .inspected_keys
+            .get_or_create(&InspectLabel {
+                cache: cache.to_owned(),
+                verdict: v.label(),
+            })
+            .inc_by(n);
+    }
+}
+
 /// A cache's values, read as they are (no protocol logic).
 enum Reader {
     Redis(redis::aio::MultiplexedConnection, String),
@@ -271,16 +291,12 @@ pub async fn run(
         }
         if let Some(Err(e)) = answer {
             warn!(cache = %due.cache, position = %due.position, error = %e, "Inspector: the node has not applied this purge; its keys are counted unverifiable.");
-            let tally = report.caches.entry(due.cache.clone()).or_default();
-            tally.checked += due.keys.len() as u64;
-            tally.unverifiable += due.keys.len() as u64;
-            metrics
-                .inspected_keys
-                .get_or_create(&InspectLabel {
-                    cache: due.cache.clone(),
-                    verdict: "unverifiable",
-                })
-                .inc_by(due.keys.len() as u64);
+            report.count(
+                metrics,
+                &due.cache,
+                &Verdict::Unverifiable,
+                due.keys.len() as u64,
+            );
             continue;
         }
         for key in &due.keys {
@@ -292,29 +308,16 @@ pub async fn run(
                 }
             };
             let v = verdict(stored.as_deref(), &due.position);
-            let tally = report.caches.entry(due.cache.clone()).or_default();
-            tally.checked += 1;
-            match &v {
-                Verdict::Consistent => tally.consistent += 1,
-                Verdict::Unverifiable => tally.unverifiable += 1,
-                Verdict::Violation { basis } => {
-                    tally.violations += 1;
-                    warn!(cache = %due.cache, key = %key, purged_at = %due.position, read_after = %basis,
-                        "Inspector: a cached value is older than an invalidation it outlived.");
-                    if report.violations.len() < 1000 {
-                        report
-                            .violations
-                            .push(format!("{} {key} {} {basis}", due.cache, due.position));
-                    }
+            if let Verdict::Violation { basis } = &v {
+                warn!(cache = %due.cache, key = %key, purged_at = %due.position, read_after = %basis,
+                    "Inspector: a cached value is older than an invalidation it outlived.");
+                if report.violations.len() < 1000 {
+                    report
+                        .violations
+                        .push(format!("{} {key} {} {basis}", due.cache, due.position));
                 }
             }
-            metrics
-                .inspected_keys
-                .get_or_create(&InspectLabel {
-                    cache: due.cache.clone(),
-                    verdict: v.label(),
-                })
-                .inc();
+            report.count(metrics, &due.cache, &v, 1);
         }
     }
     reading.cancel();

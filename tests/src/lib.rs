@@ -522,19 +522,13 @@ pub async fn cache_value(kind: &str, key: &str) -> Option<Vec<u8>> {
                 .await
                 .expect("redis GET")
         }
-        _ => {
-            let addr = Stack::get()
-                .memcached
-                .trim_start_matches("memcached://")
-                .to_owned();
-            rtinval_client::memcached::Memcached::new(&addr)
-                .gets(&[key.as_bytes()])
-                .await
-                .expect("memcached gets")
-                .pop()
-                .flatten()
-                .map(|i| i.value)
-        }
+        _ => rtinval_client::memcached::Memcached::new(&Stack::get().memcached)
+            .gets(&[key.as_bytes()])
+            .await
+            .expect("memcached gets")
+            .pop()
+            .flatten()
+            .map(|i| i.value),
     }
 }
 

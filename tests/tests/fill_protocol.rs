@@ -20,10 +20,7 @@ use rtinval_tests::{Stack, unique, workspace_root};
 const TTL: Duration = Duration::from_secs(300);
 
 fn memcached_addr() -> String {
-    Stack::get()
-        .memcached
-        .trim_start_matches("memcached://")
-        .to_owned()
+    Stack::get().memcached.clone()
 }
 
 /// The consumer's cache (fill protocol on) and a client of it, under a prefix of their own.

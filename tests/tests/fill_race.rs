@@ -65,7 +65,7 @@ fn cache_addr(kind: &str) -> String {
     let s = Stack::get();
     match kind {
         "redis" => s.redis_url.clone(),
-        _ => s.memcached.trim_start_matches("memcached://").to_owned(),
+        _ => s.memcached.clone(),
     }
 }
 

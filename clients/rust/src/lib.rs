@@ -154,8 +154,7 @@ impl NodeCache {
         match &self.backend {
             Backend::Redis { conn, read, .. } => {
                 let mut conn = conn.clone();
-                let mut applied = self.prefix.clone().into_bytes();
-                applied.extend_from_slice(APPLIED_KEY.as_bytes());
+                let applied = self.full(APPLIED_KEY);
                 let value: Vec<u8> = read
                     .key(&full)
                     .key(applied)
@@ -178,8 +177,7 @@ impl NodeCache {
     }
 
     async fn memcached_get(&self, mc: &Memcached, full: Vec<u8>) -> Result<Lookup, ClientError> {
-        let mut applied = self.prefix.clone().into_bytes();
-        applied.extend_from_slice(APPLIED_KEY.as_bytes());
+        let applied = self.full(APPLIED_KEY);
         // A miss adds a lease, then reads it back for its CAS id; another reader's lease or a
         // purge's tombstone in between is simply what the next round sees.
         for _ in 0..3 {

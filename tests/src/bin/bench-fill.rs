@@ -109,12 +109,9 @@ async fn main() {
     });
 
     // memcached.
-    let addr = stack
-        .memcached
-        .trim_start_matches("memcached://")
-        .to_owned();
-    let mc = Memcached::new(&addr);
-    let cache = NodeCache::memcached(&addr, &prefix);
+    let addr = &stack.memcached;
+    let mc = Memcached::new(addr);
+    let cache = NodeCache::memcached(addr, &prefix);
     let plain_miss = timed(ops, async |i| {
         let k = format!("{prefix}plain:{i}");
         assert!(mc.gets(&[k.as_bytes()]).await.unwrap()[0].is_none());
