@@ -142,6 +142,15 @@ pub struct ProducerSettings {
     /// Seconds between progress lines in the log (position, rows, batches, lag); 0 disables.
     #[serde(default = "default_progress_log_secs")]
     pub progress_log_secs: u64,
+    /// Keep an index of the child rows foreign keys cascade to (built from a snapshot at start,
+    /// maintained from the binlog), so that a parent's delete or update yields exactly the
+    /// cascaded rows' keys. Off: such cascades flush the caches their keys live in.
+    #[serde(default = "default_true")]
+    pub cascade_index: bool,
+    /// Rows of one table above which the cascade index stops holding that table (and the
+    /// tables below it): their cascades fall back to flushing, counted and logged.
+    #[serde(default = "default_cascade_index_max_rows")]
+    pub cascade_index_max_rows: usize,
 }
 
 impl Default for ProducerSettings {
@@ -153,6 +162,8 @@ impl Default for ProducerSettings {
             keys_per_event: default_keys_per_event(),
             checkpoint_ms: default_checkpoint_ms(),
             progress_log_secs: default_progress_log_secs(),
+            cascade_index: true,
+            cascade_index_max_rows: default_cascade_index_max_rows(),
         }
     }
 }
@@ -237,6 +248,12 @@ fn default_checkpoint_ms() -> u64 {
 }
 fn default_progress_log_secs() -> u64 {
     60
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cascade_index_max_rows() -> usize {
+    5_000_000
 }
 fn default_producer_listen() -> String {
     "127.0.0.1:9464".to_owned()

@@ -317,10 +317,10 @@ fn column_specs(tme: &TableMapEvent<'_>) -> Option<Vec<ColumnSpec>> {
     Some(specs)
 }
 
-#[cfg(test)]
 impl TableShape {
-    /// A shape with these column names and no ENUM columns.
-    pub fn for_tests(names: Vec<String>) -> TableShape {
+    /// A shape with these column names only (no ENUM or fixed-length facts): for rows that are
+    /// already decoded, such as the cascade index's stored columns.
+    pub fn named(names: Vec<String>) -> TableShape {
         let enums = vec![None; names.len()];
         let fixed_len = vec![None; names.len()];
         TableShape {
@@ -329,6 +329,12 @@ impl TableShape {
             fixed_len,
             columns: Arc::from(Vec::new()),
         }
+    }
+
+    /// A shape with these column names and no ENUM columns.
+    #[cfg(test)]
+    pub fn for_tests(names: Vec<String>) -> TableShape {
+        TableShape::named(names)
     }
 }
 
@@ -353,6 +359,11 @@ fn enum_name(names: &[String], idx: i64) -> Value {
             .map_or(Value::Int(idx), |n| Value::Bytes(n.clone().into_bytes())),
         Err(_) => Value::Int(idx),
     }
+}
+
+/// A value read by a query (binary protocol) as the binlog decoder would give it.
+pub fn from_query(v: mysql_async::Value) -> Value {
+    value(BinlogValue::Value(v))
 }
 
 fn value(v: BinlogValue<'_>) -> Value {

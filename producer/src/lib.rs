@@ -29,6 +29,7 @@
 
 pub mod batch;
 pub mod cascade;
+pub mod cascade_index;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;

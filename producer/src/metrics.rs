@@ -27,6 +27,17 @@ pub struct TableOpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableReasonLabels {
+    pub table: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -48,6 +59,12 @@ pub struct Metrics {
     pub reconnects: Counter,
     /// Errors librdkafka reported (connection refused, DNS, TLS, auth), by error code.
     pub kafka_errors: Family<CodeLabel, Counter>,
+    /// Rows the cascade index holds, by table.
+    pub cascade_index_rows: Family<TableLabel, Gauge>,
+    /// Approximate bytes the cascade index holds.
+    pub cascade_index_bytes: Gauge,
+    /// Tables the cascade index stopped holding (their cascades flush), by reason.
+    pub cascade_index_disabled: Family<TableReasonLabels, Counter>,
     ready: Arc<AtomicBool>,
     /// Why the producer cannot stream yet (Kafka unreachable), for `/readyz`.
     problem: Arc<std::sync::Mutex<Option<String>>>,
@@ -148,8 +165,29 @@ impl Metrics {
             "Errors the Kafka client reported (broker unreachable, TLS, authentication), by librdkafka error code",
             kafka_errors.clone(),
         );
+        let cascade_index_rows = Family::<TableLabel, Gauge>::default();
+        r.register(
+            "rtinval_producer_cascade_index_rows",
+            "Child rows the cascade index holds, by table (set after each build and progress line)",
+            cascade_index_rows.clone(),
+        );
+        let cascade_index_bytes = Gauge::default();
+        r.register(
+            "rtinval_producer_cascade_index_bytes",
+            "Approximate heap bytes of the cascade index",
+            cascade_index_bytes.clone(),
+        );
+        let cascade_index_disabled = Family::<TableReasonLabels, Counter>::default();
+        r.register(
+            "rtinval_producer_cascade_index_disabled",
+            "Tables the cascade index stopped holding (max_rows, no identity, schema change): their cascades flush",
+            cascade_index_disabled.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
+            cascade_index_rows,
+            cascade_index_bytes,
+            cascade_index_disabled,
             events_published,
             rows,
             binlog_lag_seconds,

@@ -32,6 +32,17 @@ impl Position {
     }
 }
 
+/// Order of two positions in one server's binlog: by the file's sequence number (the digits
+/// after its last dot), then by offset.
+pub fn binlog_order(a: (&str, u64), b: (&str, u64)) -> std::cmp::Ordering {
+    let seq = |f: &str| {
+        f.rsplit_once('.')
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (seq(a.0), a.0, a.1).cmp(&(seq(b.0), b.0, b.1))
+}
+
 impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.file, self.pos)?;

@@ -261,6 +261,9 @@ pub struct TableRules {
 /// parent's value; any other column makes the key underivable.
 #[derive(Debug)]
 struct CompiledCascade {
+    /// The tables the chain passes through, the reached one last: when the cascade index
+    /// covers every one of them, the index's walk yields these keys instead.
+    tables: Vec<Arc<str>>,
     on_delete: bool,
     on_update: bool,
     /// Parent indexes of the referenced columns (an update fires if one of them changed).
@@ -393,6 +396,7 @@ impl TableRules {
             let via_chain = |col: &str| chain.parent_column_of(col).and_then(position);
             for r in reached_rules {
                 cascades.push(CompiledCascade {
+                    tables: chain.edges.iter().map(|e| Arc::from(e.child.as_str())).collect(),
                     on_delete: chain.fires_on_delete(),
                     on_update: chain.fires_on_update(),
                     referenced: referenced.clone(),
@@ -428,6 +432,18 @@ impl TableRules {
         out: &mut Vec<Intent>,
         flushed: impl Fn(&str) -> bool,
     ) {
+        self.intents_with(change, out, flushed, |_| false);
+    }
+
+    /// Like [`TableRules::intents_skipping`], leaving out the cascades whose every table
+    /// `indexed` says the cascade index covers (its walk yields their rows' exact keys).
+    pub fn intents_with(
+        &self,
+        change: &RowChange,
+        out: &mut Vec<Intent>,
+        flushed: impl Fn(&str) -> bool,
+        indexed: impl Fn(&str) -> bool,
+    ) {
         for rule in &self.rules {
             if !rule.ops.contains(&change.op) || !rule.fires_on(change) {
                 continue;
@@ -444,7 +460,7 @@ impl TableRules {
             }
         }
         for c in &self.cascades {
-            if !c.fires_on(change) {
+            if !c.fires_on(change) || c.tables.iter().all(|t| indexed(t)) {
                 continue;
             }
             out.extend(c.pools.iter().map(|p| Intent::ResetPool(p.clone())));

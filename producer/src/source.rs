@@ -29,11 +29,12 @@ use tracing::{debug, info, warn};
 
 use crate::batch::{Batcher, Commit};
 use crate::cascade::{self, CascadeChain};
+use crate::cascade_index::{self, Binding, CascadeIndex};
 use crate::config::{Config, Rule};
 use crate::decode::{self, RowChange, Value};
 use crate::error::{ER_ACCESS_DENIED_ERROR, SourceError, is_privilege_error};
-use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
-use crate::position::Position;
+use crate::metrics::{Metrics, ReasonLabel, TableLabel, TableOpLabels, TableReasonLabels};
+use crate::position::{Position, binlog_order};
 use crate::publish::Batch;
 use crate::rules::{Intent, TableRules};
 
@@ -74,6 +75,56 @@ pub struct BinlogSource {
     metrics: Metrics,
 }
 
+/// A table map's compiled rules, and how its columns line up with the cascade index.
+struct Watched {
+    rules: TableRules,
+    index: Option<Binding>,
+}
+
+/// The cascade index ([`crate::cascade_index`]) across reconnects, and from where on it is
+/// complete.
+#[derive(Default)]
+struct IndexSlot {
+    index: Option<CascadeIndex>,
+    /// The snapshot's binlog position (file, offset).
+    snapshot: Option<(String, u64)>,
+    /// The stream has passed the snapshot position: chains the index covers need no fallback.
+    live: bool,
+    /// Built (or found unneeded) for the current foreign keys.
+    built: bool,
+}
+
+impl IndexSlot {
+    /// Passed the snapshot position yet? Checked at commit boundaries.
+    fn advance(&mut self, at: &Position) {
+        if self.live || self.index.is_none() {
+            return;
+        }
+        if let Some((file, pos)) = &self.snapshot
+            && binlog_order((&at.file, at.pos), (file, *pos)) != std::cmp::Ordering::Less
+        {
+            self.live = true;
+            info!(position = %at, "Cascade index complete: the stream passed its snapshot position; cascaded keys are exact from here on.");
+        }
+    }
+
+    fn covers(&self, table: &str) -> bool {
+        self.live && self.index.as_ref().is_some_and(|i| i.covers(table))
+    }
+
+    /// Does DDL `query` (default database `schema`) name one of the indexed tables?
+    fn touched_by(&self, schema: &str, query: &str) -> bool {
+        let q = query.to_ascii_lowercase();
+        self.index.as_ref().is_some_and(|ix| {
+            ix.plan().tables.iter().any(|t| {
+                let (db, name) = t.table.split_once('.').unwrap_or(("", &t.table));
+                q.contains(&name.to_ascii_lowercase())
+                    && (schema.eq_ignore_ascii_case(db) || q.contains(&db.to_ascii_lowercase()))
+            })
+        })
+    }
+}
+
 /// Per-stream state (reset on reconnect, except `position`).
 struct StreamState {
     /// Last commit boundary handed downstream (or passed without events).
@@ -81,7 +132,7 @@ struct StreamState {
     /// Binlog file of the events being read.
     file: String,
     seen_fde: bool,
-    tables: HashMap<u64, Option<Arc<TableRules>>>,
+    tables: HashMap<u64, Option<Arc<Watched>>>,
     batcher: Batcher,
     gtid: Option<String>,
     standalone: bool,
@@ -93,6 +144,8 @@ struct StreamState {
     fks: BTreeMap<String, Vec<CascadeChain>>,
     /// A DDL statement passed: foreign keys must be read again before the next table map.
     fks_stale: bool,
+    /// The last DDL statement: (default database, query).
+    last_ddl: Option<(String, String)>,
     /// Since the last progress line: rows of watched tables, batches sent.
     rows_seen: u64,
     batches_sent: u64,
@@ -210,8 +263,11 @@ impl BinlogSource {
             }
         };
         let mut backoff = Duration::from_millis(200);
+        let mut slot = IndexSlot::default();
         loop {
-            let result = self.stream(&mut position, &output, &shutdown).await;
+            let result = self
+                .stream(&mut position, &mut slot, &output, &shutdown)
+                .await;
             self.metrics.set_ready(false);
             match result {
                 Ok(()) => return Ok(()),
@@ -300,11 +356,18 @@ impl BinlogSource {
     async fn stream(
         &self,
         position: &mut Position,
+        slot: &mut IndexSlot,
         output: &mpsc::Sender<Batch>,
         shutdown: &CancellationToken,
     ) -> Result<(), SourceError> {
         let mut conn = self.connect().await?;
         let fks = load_cascades(&mut conn, &self.rules).await?;
+        match slot.index.as_mut() {
+            // A reconnect: the stream re-reads the unfinished transaction from its start.
+            Some(index) if slot.built => index.rollback(),
+            _ if slot.built => {}
+            _ => self.build_index(&mut conn, &fks, slot, true).await?,
+        }
         let hb_ns = self.config.source.binlog_heartbeat_secs.max(1) * 1_000_000_000;
         conn.query_drop(format!("SET @master_heartbeat_period = {hb_ns}"))
             .await?;
@@ -331,6 +394,7 @@ impl BinlogSource {
             intents: Vec::new(),
             fks,
             fks_stale: false,
+            last_ddl: None,
             rows_seen: 0,
             batches_sent: 0,
         };
@@ -353,11 +417,13 @@ impl BinlogSource {
                     return Ok(());
                 }
                 _ = progress.tick(), if self.config.producer.progress_log_secs > 0 => {
+                    let indexed = self.index_gauges(slot);
                     info!(
                         position = %st.position,
                         rows = st.rows_seen,
                         batches = st.batches_sent,
                         lag_seconds = self.metrics.binlog_lag_seconds.get(),
+                        cascade_index_rows = indexed,
                         "Progress."
                     );
                     st.rows_seen = 0;
@@ -414,12 +480,20 @@ impl BinlogSource {
                         }
                         Some(Ok(event)) => event,
                     };
-                    let batch = self.handle(&mut st, &stream, event)?;
+                    let batch = self.handle(&mut st, slot, &stream, event)?;
                     *position = st.position.clone();
+                    self.report_notices(slot);
                     if st.fks_stale {
-                        // After DDL: constraints may have changed. Read them on a side connection.
+                        // After DDL: constraints may have changed. Read them on a side connection;
+                        // the cascade index is built again if its plan changed or the statement
+                        // names one of its tables (TRUNCATE, ALTER, RENAME, DROP).
                         let mut side = self.connect().await?;
                         st.fks = load_cascades(&mut side, &self.rules).await?;
+                        let touched = st
+                            .last_ddl
+                            .take()
+                            .is_some_and(|(schema, q)| slot.touched_by(&schema, &q));
+                        self.build_index(&mut side, &st.fks, slot, touched).await?;
                         let _ = side.disconnect().await;
                         st.fks_stale = false;
                     }
@@ -466,10 +540,128 @@ impl BinlogSource {
         }
     }
 
+    /// Build the cascade index for `chains` from a consistent snapshot on `conn`, unless it is
+    /// off, unneeded, or (`force` false) already built for the same plan. A snapshot the account
+    /// may not read leaves it off, with one warning: cascades then flush as without it.
+    async fn build_index(
+        &self,
+        conn: &mut Conn,
+        chains: &BTreeMap<String, Vec<CascadeChain>>,
+        slot: &mut IndexSlot,
+        force: bool,
+    ) -> Result<(), SourceError> {
+        let settings = &self.config.producer;
+        if !settings.cascade_index {
+            slot.built = true;
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let needed = cascade_index::needed_tables(chains, &self.rules);
+        let facts = cascade_index::table_facts(conn, &needed).await?;
+        let (plan, excluded) = cascade_index::plan(chains, &self.rules, &needed, &facts);
+        let same = slot.built
+            && match &slot.index {
+                Some(ix) => *ix.plan() == plan,
+                None => plan.tables.is_empty(),
+            };
+        if same && !force {
+            return Ok(());
+        }
+        for (table, why) in &excluded {
+            warn!(table = %table, reason = %why, "Cascade index: not holding this table; cascades through it flush the caches their keys live in.");
+            self.metrics
+                .cascade_index_disabled
+                .get_or_create(&TableReasonLabels {
+                    table: table.clone(),
+                    reason: "not_indexable",
+                })
+                .inc();
+        }
+        *slot = IndexSlot {
+            built: true,
+            ..IndexSlot::default()
+        };
+        if plan.tables.is_empty() {
+            self.index_gauges(slot);
+            return Ok(());
+        }
+        let mut index = CascadeIndex::new(plan, &self.rules, settings.cascade_index_max_rows);
+        let snapshot = match cascade_index::load(conn, &mut index).await {
+            Ok(p) => p,
+            Err(SourceError::Query(mysql_async::Error::Server(e))) if is_privilege_error(e.code) => {
+                let _ = conn.query_drop("ROLLBACK").await;
+                warn!(error = %e.message, "Cascade index: the account may not read the child tables (GRANT SELECT ON the watched schemas); cascades flush the caches their keys live in.");
+                return Ok(());
+            }
+            Err(e) => {
+                slot.built = false;
+                return Err(e);
+            }
+        };
+        let tables: Vec<String> = index
+            .row_counts()
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect();
+        slot.index = Some(index);
+        slot.snapshot = Some(snapshot.clone());
+        self.report_notices(slot);
+        let rows = self.index_gauges(slot);
+        info!(
+            tables = %tables.join(" "),
+            rows,
+            bytes = self.metrics.cascade_index_bytes.get(),
+            snapshot = %format!("{}:{}", snapshot.0, snapshot.1),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Cascade index built from a consistent snapshot."
+        );
+        Ok(())
+    }
+
+    /// Log and count the cascade index's decisions (tables it stopped holding).
+    fn report_notices(&self, slot: &mut IndexSlot) {
+        let Some(index) = slot.index.as_mut() else {
+            return;
+        };
+        for n in index.take_notices() {
+            warn!(table = %n.table, reason = n.reason, detail = %n.detail, "Cascade index: stopped holding this table; cascades through it flush the caches their keys live in.");
+            self.metrics
+                .cascade_index_disabled
+                .get_or_create(&TableReasonLabels {
+                    table: n.table,
+                    reason: n.reason,
+                })
+                .inc();
+        }
+    }
+
+    /// Set the cascade index's gauges; returns the rows it holds.
+    fn index_gauges(&self, slot: &IndexSlot) -> u64 {
+        let Some(index) = &slot.index else {
+            self.metrics.cascade_index_bytes.set(0);
+            return 0;
+        };
+        let mut total = 0;
+        for (table, n) in index.row_counts() {
+            total += n as u64;
+            self.metrics
+                .cascade_index_rows
+                .get_or_create(&TableLabel {
+                    table: table.to_owned(),
+                })
+                .set(n as i64);
+        }
+        self.metrics
+            .cascade_index_bytes
+            .set(index.bytes_estimate() as i64);
+        total
+    }
+
     /// Handle one binlog event; returns a batch at a commit that produced events.
     fn handle(
         &self,
         st: &mut StreamState,
+        slot: &mut IndexSlot,
         stream: &mysql_async::BinlogStream,
         event: BinlogEvent,
     ) -> Result<Option<Batch>, SourceError> {
@@ -518,7 +710,7 @@ impl BinlogSource {
             }
             EventData::TableMapEvent(tme) => {
                 let table_id = tme.table_id();
-                if let std::collections::hash_map::Entry::Vacant(slot) = st.tables.entry(table_id) {
+                if let std::collections::hash_map::Entry::Vacant(entry) = st.tables.entry(table_id) {
                     let db = tme.database_name();
                     let name = tme.table_name();
                     let rules: Vec<&Rule> = self
@@ -541,7 +733,8 @@ impl BinlogSource {
                             (chain.clone(), reached)
                         })
                         .collect();
-                    let compiled = if rules.is_empty() && cascades.is_empty() {
+                    let involved = slot.index.as_ref().is_some_and(|ix| ix.involves(&qualified));
+                    let compiled = if rules.is_empty() && cascades.is_empty() && !involved {
                         None
                     } else {
                         let shape = decode::TableShape::from_table_map(&tme).ok_or_else(|| {
@@ -553,14 +746,18 @@ impl BinlogSource {
                                 ),
                             }
                         })?;
+                        let index = slot
+                            .index
+                            .as_ref()
+                            .and_then(|ix| ix.bind(&qualified, &shape.names));
                         let t =
                             TableRules::compile_with_cascades(&qualified, &rules, &cascades, shape);
                         if !t.missing_columns.is_empty() {
                             warn!(table = %qualified, missing = ?t.missing_columns, "Rules reference columns the table no longer has: their keys become cache flushes.");
                         }
-                        Some(Arc::new(t))
+                        Some(Arc::new(Watched { rules: t, index }))
                     };
-                    slot.insert(compiled);
+                    entry.insert(compiled);
                 }
             }
             EventData::RowsEvent(rows) => {
@@ -576,9 +773,10 @@ impl BinlogSource {
                     }
                 };
                 let table_id = rows.table_id();
-                let Some(Some(rules)) = st.tables.get(&table_id).cloned() else {
+                let Some(Some(watched)) = st.tables.get(&table_id).cloned() else {
                     return Ok(None);
                 };
+                let rules = &watched.rules;
                 let Some(tme) = stream.get_tme(table_id) else {
                     return Err(pos_err(
                         std::io::Error::other("rows event without a table map"),
@@ -593,7 +791,21 @@ impl BinlogSource {
                 let mut apply = |before: Option<Vec<Value>>, after: Option<Vec<Value>>| {
                     let change = RowChange { op, before, after };
                     let batcher = &st.batcher;
-                    rules.intents_skipping(&change, &mut st.intents, |c| batcher.is_flushed(c));
+                    rules.intents_with(
+                        &change,
+                        &mut st.intents,
+                        |c| batcher.is_flushed(c),
+                        |t| slot.covers(t),
+                    );
+                    if let (Some(index), Some(b)) = (slot.index.as_mut(), &watched.index) {
+                        index.logged(
+                            b,
+                            op,
+                            change.before.as_deref(),
+                            change.after.as_deref(),
+                            &mut st.intents,
+                        );
+                    }
                     for intent in st.intents.drain(..) {
                         st.batcher.add(intent);
                     }
@@ -621,7 +833,7 @@ impl BinlogSource {
                 counter.inc_by(n);
             }
             EventData::XidEvent(_) => {
-                return Ok(self.commit(st, header.log_pos(), header.timestamp()));
+                return Ok(self.commit(st, slot, header.log_pos(), header.timestamp()));
             }
             EventData::QueryEvent(q) => {
                 let query = q.query();
@@ -629,17 +841,21 @@ impl BinlogSource {
                 if trimmed.eq_ignore_ascii_case("BEGIN") {
                     st.batcher.clear();
                 } else if trimmed.eq_ignore_ascii_case("COMMIT") {
-                    return Ok(self.commit(st, header.log_pos(), header.timestamp()));
+                    return Ok(self.commit(st, slot, header.log_pos(), header.timestamp()));
                 } else if trimmed.eq_ignore_ascii_case("ROLLBACK") {
                     st.batcher.clear();
+                    if let Some(index) = slot.index.as_mut() {
+                        index.rollback();
+                    }
                 } else {
                     // DDL (or a statement on a non-transactional table): a boundary. Table ids
                     // of altered tables change, so cached compilations are dropped too.
                     debug!(query = %trimmed.chars().take(200).collect::<String>(), "DDL in binlog.");
                     st.tables.clear();
                     st.fks_stale = true;
+                    st.last_ddl = Some((q.schema().into_owned(), trimmed.to_owned()));
                     if st.standalone || st.batcher.is_empty() {
-                        return Ok(self.commit(st, header.log_pos(), header.timestamp()));
+                        return Ok(self.commit(st, slot, header.log_pos(), header.timestamp()));
                     }
                 }
             }
@@ -649,13 +865,23 @@ impl BinlogSource {
     }
 
     /// A commit boundary: move the position, and emit the transaction's events if any.
-    fn commit(&self, st: &mut StreamState, log_pos: u32, timestamp: u32) -> Option<Batch> {
+    fn commit(
+        &self,
+        st: &mut StreamState,
+        slot: &mut IndexSlot,
+        log_pos: u32,
+        timestamp: u32,
+    ) -> Option<Batch> {
         st.position = Position {
             file: st.file.clone(),
             pos: u64::from(log_pos),
             gtid: st.gtid.take().or_else(|| st.position.gtid.clone()),
             server_id: st.position.server_id,
         };
+        if let Some(index) = slot.index.as_mut() {
+            index.commit();
+        }
+        slot.advance(&st.position);
         st.standalone = false;
         st.last_commit_ms = u64::from(timestamp) * 1000;
         for _ in 0..st.batcher.take_escalations() {
