@@ -123,6 +123,9 @@ pub struct TableFacts {
     pub identity: Option<Vec<String>>,
     /// Columns (lowercased names) compared case-insensitively (a `_ci` collation).
     pub folded: BTreeSet<String>,
+    /// Each column's type and collation (lowercased name → `int(10) unsigned`, ...): a change
+    /// of a stored column's type changes the plan, so the index is built again.
+    pub types: BTreeMap<String, String>,
 }
 
 /// Which tables are indexed, which columns of them, and the foreign keys between them.
@@ -140,6 +143,8 @@ pub struct TablePlan {
     pub columns: Vec<String>,
     /// How many of `columns` form the row's identity.
     pub identity: usize,
+    /// Each stored column's type and collation ([`TableFacts::types`]).
+    pub types: Vec<String>,
     /// Edges (indexes into [`IndexPlan::edges`]) whose child is this table, in slot order.
     pub into: Vec<usize>,
 }
@@ -312,10 +317,21 @@ pub fn plan(
     for t in &kept {
         let f = &facts[*t];
         let identity = f.identity.as_ref().map_or(0, Vec::len);
+        let columns = wanted.remove(*t).unwrap_or_default();
+        let types = columns
+            .iter()
+            .map(|c| {
+                f.types
+                    .get(&c.to_ascii_lowercase())
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
         out.tables.push(TablePlan {
             table: (*t).clone(),
-            columns: wanted.remove(*t).unwrap_or_default(),
+            columns,
             identity,
+            types,
             into: Vec::new(),
         });
     }
@@ -788,7 +804,7 @@ impl CascadeIndex {
             return;
         }
         let Some(old) = old else { return };
-        if old.iter().any(|c| *c == Cell::Null) {
+        if old.contains(&Cell::Null) {
             return;
         }
         if depth >= MAX_DEPTH {
@@ -885,9 +901,9 @@ pub async fn table_facts(
         let Some((db, name)) = t.split_once('.') else {
             continue;
         };
-        let columns: Vec<(String, Option<String>, String)> = conn
+        let columns: Vec<(String, Option<String>, String, String)> = conn
             .exec(
-                "SELECT COLUMN_NAME, COLLATION_NAME, IS_NULLABLE FROM information_schema.COLUMNS \
+                "SELECT COLUMN_NAME, COLLATION_NAME, IS_NULLABLE, COLUMN_TYPE FROM information_schema.COLUMNS \
                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
                 (db, name),
             )
@@ -906,7 +922,7 @@ pub async fn table_facts(
         let not_null = |c: &str| {
             columns
                 .iter()
-                .any(|(n, _, nullable)| n.eq_ignore_ascii_case(c) && nullable == "NO")
+                .any(|(n, _, nullable, _)| n.eq_ignore_ascii_case(c) && nullable == "NO")
         };
         let mut unique: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let mut order: Vec<&str> = Vec::new();
@@ -925,19 +941,29 @@ pub async fn table_facts(
             .cloned();
         let folded = columns
             .iter()
-            .filter(|(_, collation, _)| {
+            .filter(|(_, collation, _, _)| {
                 collation
                     .as_deref()
                     .is_some_and(|c| c.contains("_ci") || c.ends_with("_ai"))
             })
-            .map(|(n, _, _)| n.to_ascii_lowercase())
+            .map(|(n, _, _, _)| n.to_ascii_lowercase())
+            .collect();
+        let types = columns
+            .iter()
+            .map(|(n, collation, _, ty)| {
+                (
+                    n.to_ascii_lowercase(),
+                    format!("{ty} {}", collation.as_deref().unwrap_or_default()),
+                )
+            })
             .collect();
         out.insert(
             t.clone(),
             TableFacts {
-                columns: columns.into_iter().map(|(n, _, _)| n).collect(),
+                columns: columns.into_iter().map(|(n, _, _, _)| n).collect(),
                 identity,
                 folded,
+                types,
             },
         );
     }
@@ -951,9 +977,7 @@ async fn snapshot_position(
     conn: &mut mysql_async::Conn,
 ) -> Result<Option<(String, u64)>, mysql_async::Error> {
     use mysql_async::prelude::Queryable;
-    let rows: Vec<(String, String)> = conn
-        .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
-        .await?;
+    let rows: Vec<(String, String)> = conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
     let get = |k: &str| {
         rows.iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(k))
@@ -999,7 +1023,9 @@ pub async fn load(
             quote(name)
         );
         let mut result = conn.exec_iter(sql, ()).await?;
+        let mut read = 0u64;
         while let Some(row) = result.next().await? {
+            read += 1;
             if index.tables[t].disabled {
                 // Over the cap: the rest is read and dropped (the result must be drained).
                 continue;
@@ -1013,6 +1039,7 @@ pub async fn load(
                 index.load_row(t, cells);
             }
         }
+        tracing::debug!(table = %plan.table, rows = read, "Cascade index: snapshot of a table read.");
     }
     conn.query_drop("COMMIT").await?;
     index.commit();
@@ -1059,6 +1086,7 @@ mod tests {
                 columns: s(columns),
                 identity: Some(s(identity)),
                 folded: BTreeSet::new(),
+                types: BTreeMap::new(),
             },
         )
     }
@@ -1092,7 +1120,14 @@ mod tests {
         let fks = vec![
             (
                 "rt.Object".to_owned(),
-                fk("Port-FK-object_id", "Port", &["object_id"], &["id"], Cascade, NoAction),
+                fk(
+                    "Port-FK-object_id",
+                    "Port",
+                    &["object_id"],
+                    &["id"],
+                    Cascade,
+                    NoAction,
+                ),
             ),
             (
                 "rt.Port".to_owned(),
@@ -1173,7 +1208,11 @@ mod tests {
         // AttributeValue's key derives from the Object row: no index needed.
         assert_eq!(tables, vec!["rt.Link", "rt.Port"]);
         let port = &ix.plan().tables[1];
-        assert_eq!(port.columns, vec!["id", "object_id"], "identity first, no extra columns");
+        assert_eq!(
+            port.columns,
+            vec!["id", "object_id"],
+            "identity first, no extra columns"
+        );
         assert_eq!(port.identity, 1);
     }
 
@@ -1243,7 +1282,9 @@ mod tests {
         // The same insert again (the stream resumed before the snapshot), then an update.
         fill(&mut ix, &[(1, 10)], &[]);
         assert_eq!(ix.row_counts(), vec![("rt.Link", 0), ("rt.Port", 1)]);
-        let port = ix.bind("rt.Port", &["id".into(), "object_id".into()]).unwrap();
+        let port = ix
+            .bind("rt.Port", &["id".into(), "object_id".into()])
+            .unwrap();
         let mut out = Vec::new();
         ix.logged(
             &port,
@@ -1299,26 +1340,51 @@ mod tests {
         let fks = vec![
             (
                 "rt.Domain".to_owned(),
-                fk("Domain-group", "Domain", &["group_id"], &["id"], SetNull, NoAction),
+                fk(
+                    "Domain-group",
+                    "Domain",
+                    &["group_id"],
+                    &["id"],
+                    SetNull,
+                    NoAction,
+                ),
             ),
             (
                 "rt.Domain".to_owned(),
-                fk("Vlan-domain", "Vlan", &["domain_name"], &["name"], Cascade, Cascade),
+                fk(
+                    "Vlan-domain",
+                    "Vlan",
+                    &["domain_name"],
+                    &["name"],
+                    Cascade,
+                    Cascade,
+                ),
             ),
         ];
         let chains = chains(&fks, |t| rules.iter().any(|r| r.qualified_table() == t));
         let needed = needed_tables(&chains, &rules);
         let mut f = BTreeMap::from([
             facts("Domain", &["id", "name", "group_id"], &["id"]),
-            facts("Vlan", &["vlan_id", "domain_name"], &["vlan_id", "domain_name"]),
+            facts(
+                "Vlan",
+                &["vlan_id", "domain_name"],
+                &["vlan_id", "domain_name"],
+            ),
         ]);
-        f.get_mut("rt.Vlan").unwrap().folded.insert("domain_name".into());
+        f.get_mut("rt.Vlan")
+            .unwrap()
+            .folded
+            .insert("domain_name".into());
         let (plan, excluded) = plan(&chains, &rules, &needed, &f);
         assert!(excluded.is_empty(), "{excluded:?}");
         let mut ix = CascadeIndex::new(plan, &rules, 100);
         let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let domain = ix.bind("rt.Domain", &cols(&["id", "name", "group_id"])).unwrap();
-        let vlan = ix.bind("rt.Vlan", &cols(&["vlan_id", "domain_name"])).unwrap();
+        let domain = ix
+            .bind("rt.Domain", &cols(&["id", "name", "group_id"]))
+            .unwrap();
+        let vlan = ix
+            .bind("rt.Vlan", &cols(&["vlan_id", "domain_name"]))
+            .unwrap();
         let d = |id: i64, name: &str, group: Option<i64>| {
             vec![
                 Value::Int(id),
@@ -1328,28 +1394,67 @@ mod tests {
         };
         let v = |id: i64, name: &str| vec![Value::Int(id), Value::Bytes(name.as_bytes().to_vec())];
         let mut out = Vec::new();
-        ix.logged(&domain, Op::Insert, None, Some(&d(1, "grp", None)), &mut out);
-        ix.logged(&domain, Op::Insert, None, Some(&d(2, "dc1", Some(1))), &mut out);
+        ix.logged(
+            &domain,
+            Op::Insert,
+            None,
+            Some(&d(1, "grp", None)),
+            &mut out,
+        );
+        ix.logged(
+            &domain,
+            Op::Insert,
+            None,
+            Some(&d(2, "dc1", Some(1))),
+            &mut out,
+        );
         ix.logged(&vlan, Op::Insert, None, Some(&v(10, "DC1 ")), &mut out);
         ix.commit();
         // Renaming dc1 rewrites its VLAN rows (matched case-insensitively).
         let mut out = Vec::new();
-        ix.logged(&domain, Op::Update, Some(&d(2, "dc1", Some(1))), Some(&d(2, "dc-one", Some(1))), &mut out);
+        ix.logged(
+            &domain,
+            Op::Update,
+            Some(&d(2, "dc1", Some(1))),
+            Some(&d(2, "dc-one", Some(1))),
+            &mut out,
+        );
         assert_eq!(
             keys(&out),
-            ["vlan:10:DC1 ", "vlan:10:dc-one"].into_iter().map(String::from).collect()
+            ["vlan:10:DC1 ", "vlan:10:dc-one"]
+                .into_iter()
+                .map(String::from)
+                .collect()
         );
         // Deleting the group sets dc-one's group_id to NULL: its old and new keys.
         let mut out = Vec::new();
-        ix.logged(&domain, Op::Delete, Some(&d(1, "grp", None)), None, &mut out);
+        ix.logged(
+            &domain,
+            Op::Delete,
+            Some(&d(1, "grp", None)),
+            None,
+            &mut out,
+        );
         assert_eq!(
             keys(&out),
-            ["domain:2", "group:1"].into_iter().map(String::from).collect()
+            ["domain:2", "group:1"]
+                .into_iter()
+                .map(String::from)
+                .collect()
         );
         // The rewritten rows are indexed under their new values.
         let mut out = Vec::new();
-        ix.logged(&domain, Op::Delete, Some(&d(2, "DC-ONE", None)), None, &mut out);
-        assert_eq!(keys(&out), ["vlan:10:dc-one"].into_iter().map(String::from).collect());
+        ix.logged(
+            &domain,
+            Op::Delete,
+            Some(&d(2, "DC-ONE", None)),
+            None,
+            &mut out,
+        );
+        assert_eq!(
+            keys(&out),
+            ["vlan:10:dc-one"].into_iter().map(String::from).collect()
+        );
     }
 
     #[test]
@@ -1365,26 +1470,51 @@ mod tests {
         );
         let fks = vec![(
             "rt.Tree".to_owned(),
-            fk("Tree-parent", "Tree", &["parent_id"], &["id"], Cascade, NoAction),
+            fk(
+                "Tree-parent",
+                "Tree",
+                &["parent_id"],
+                &["id"],
+                Cascade,
+                NoAction,
+            ),
         )];
         let chains = chains(&fks, |_| true);
         let needed = needed_tables(&chains, &rules);
-        assert_eq!(needed, BTreeSet::from(["rt.Tree".to_owned()]), "a cycle is underivable");
+        assert_eq!(
+            needed,
+            BTreeSet::from(["rt.Tree".to_owned()]),
+            "a cycle is underivable"
+        );
         let f = BTreeMap::from([facts("Tree", &["id", "parent_id"], &["id"])]);
         let (plan, _) = plan(&chains, &rules, &needed, &f);
         let mut ix = CascadeIndex::new(plan, &rules, 100);
-        let tree = ix.bind("rt.Tree", &["id".into(), "parent_id".into()]).unwrap();
+        let tree = ix
+            .bind("rt.Tree", &["id".into(), "parent_id".into()])
+            .unwrap();
         let mut out = Vec::new();
-        let node = |id: i64, parent: Option<i64>| vec![Value::Int(id), parent.map_or(Value::Null, Value::Int)];
+        let node = |id: i64, parent: Option<i64>| {
+            vec![Value::Int(id), parent.map_or(Value::Null, Value::Int)]
+        };
         ix.logged(&tree, Op::Insert, None, Some(&node(1, None)), &mut out);
         for id in 2..=20 {
-            ix.logged(&tree, Op::Insert, None, Some(&node(id, Some(id - 1))), &mut out);
+            ix.logged(
+                &tree,
+                Op::Insert,
+                None,
+                Some(&node(id, Some(id - 1))),
+                &mut out,
+            );
         }
         ix.logged(&tree, Op::Insert, None, Some(&node(30, None)), &mut out);
         ix.commit();
         ix.logged(&tree, Op::Delete, Some(&node(1, None)), None, &mut out);
         let want: BTreeSet<String> = (2..=20).map(|i| format!("node:{i}")).collect();
-        assert_eq!(keys(&out), want, "the logged row's own key comes from its rules, not here");
+        assert_eq!(
+            keys(&out),
+            want,
+            "the logged row's own key comes from its rules, not here"
+        );
         assert_eq!(ix.row_counts(), vec![("rt.Tree", 1)]);
     }
 

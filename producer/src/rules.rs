@@ -396,7 +396,11 @@ impl TableRules {
             let via_chain = |col: &str| chain.parent_column_of(col).and_then(position);
             for r in reached_rules {
                 cascades.push(CompiledCascade {
-                    tables: chain.edges.iter().map(|e| Arc::from(e.child.as_str())).collect(),
+                    tables: chain
+                        .edges
+                        .iter()
+                        .map(|e| Arc::from(e.child.as_str()))
+                        .collect(),
                     on_delete: chain.fires_on_delete(),
                     on_update: chain.fires_on_update(),
                     referenced: referenced.clone(),

@@ -95,16 +95,18 @@ struct IndexSlot {
 }
 
 impl IndexSlot {
-    /// Passed the snapshot position yet? Checked at commit boundaries.
-    fn advance(&mut self, at: &Position) {
+    /// Has the stream reached the snapshot position? `file`/`pos` is where the event being
+    /// read starts (or a commit boundary): every event from the snapshot position on changes
+    /// rows the snapshot did not hold.
+    fn advance(&mut self, file: &str, pos: u64) {
         if self.live || self.index.is_none() {
             return;
         }
-        if let Some((file, pos)) = &self.snapshot
-            && binlog_order((&at.file, at.pos), (file, *pos)) != std::cmp::Ordering::Less
+        if let Some((snap_file, snap_pos)) = &self.snapshot
+            && binlog_order((file, pos), (snap_file, *snap_pos)) != std::cmp::Ordering::Less
         {
             self.live = true;
-            info!(position = %at, "Cascade index complete: the stream passed its snapshot position; cascaded keys are exact from here on.");
+            info!(position = %format!("{file}:{pos}"), "Cascade index complete: the stream reached its snapshot position; cascaded keys are exact from here on.");
         }
     }
 
@@ -112,16 +114,26 @@ impl IndexSlot {
         self.live && self.index.as_ref().is_some_and(|i| i.covers(table))
     }
 
-    /// Does DDL `query` (default database `schema`) name one of the indexed tables?
+    /// Does DDL `query` (default database `schema`) change the rows of an indexed table without
+    /// row events — `TRUNCATE`, `DROP`, `RENAME`, or an `ALTER` that swaps tablespaces or
+    /// partitions? Other schema changes keep the rows; a changed column set or type changes
+    /// the plan, which rebuilds anyway.
     fn touched_by(&self, schema: &str, query: &str) -> bool {
         let q = query.to_ascii_lowercase();
-        self.index.as_ref().is_some_and(|ix| {
-            ix.plan().tables.iter().any(|t| {
-                let (db, name) = t.table.split_once('.').unwrap_or(("", &t.table));
-                q.contains(&name.to_ascii_lowercase())
-                    && (schema.eq_ignore_ascii_case(db) || q.contains(&db.to_ascii_lowercase()))
+        let verb = q.split_whitespace().next().unwrap_or_default();
+        let rows_change = match verb {
+            "truncate" | "drop" | "rename" => true,
+            "alter" => q.contains("tablespace") || q.contains("partition"),
+            _ => false,
+        };
+        rows_change
+            && self.index.as_ref().is_some_and(|ix| {
+                ix.plan().tables.iter().any(|t| {
+                    let (db, name) = t.table.split_once('.').unwrap_or(("", &t.table));
+                    q.contains(&name.to_ascii_lowercase())
+                        && (schema.eq_ignore_ascii_case(db) || q.contains(&db.to_ascii_lowercase()))
+                })
             })
-        })
     }
 }
 
@@ -485,8 +497,9 @@ impl BinlogSource {
                     self.report_notices(slot);
                     if st.fks_stale {
                         // After DDL: constraints may have changed. Read them on a side connection;
-                        // the cascade index is built again if its plan changed or the statement
-                        // names one of its tables (TRUNCATE, ALTER, RENAME, DROP).
+                        // the cascade index is built again if its plan changed (tables, columns,
+                        // column types) or the statement changed an indexed table's rows
+                        // unlogged (TRUNCATE, DROP, RENAME).
                         let mut side = self.connect().await?;
                         st.fks = load_cascades(&mut side, &self.rules).await?;
                         let touched = st
@@ -588,7 +601,9 @@ impl BinlogSource {
         let mut index = CascadeIndex::new(plan, &self.rules, settings.cascade_index_max_rows);
         let snapshot = match cascade_index::load(conn, &mut index).await {
             Ok(p) => p,
-            Err(SourceError::Query(mysql_async::Error::Server(e))) if is_privilege_error(e.code) => {
+            Err(SourceError::Query(mysql_async::Error::Server(e)))
+                if is_privilege_error(e.code) =>
+            {
                 let _ = conn.query_drop("ROLLBACK").await;
                 warn!(error = %e.message, "Cascade index: the account may not read the child tables (GRANT SELECT ON the watched schemas); cascades flush the caches their keys live in.");
                 return Ok(());
@@ -673,6 +688,10 @@ impl BinlogSource {
             return Ok(None);
         }
         st.caught_up = false;
+        if !slot.live && header.log_pos() != 0 {
+            let start = header.log_pos().saturating_sub(header.event_size());
+            slot.advance(&st.file, u64::from(start));
+        }
         if header.timestamp() != 0 {
             let lag = crate::now_ms().saturating_sub(u64::from(header.timestamp()) * 1000);
             self.metrics.binlog_lag_seconds.set(lag as f64 / 1000.0);
@@ -710,7 +729,8 @@ impl BinlogSource {
             }
             EventData::TableMapEvent(tme) => {
                 let table_id = tme.table_id();
-                if let std::collections::hash_map::Entry::Vacant(entry) = st.tables.entry(table_id) {
+                if let std::collections::hash_map::Entry::Vacant(entry) = st.tables.entry(table_id)
+                {
                     let db = tme.database_name();
                     let name = tme.table_name();
                     let rules: Vec<&Rule> = self
@@ -733,7 +753,10 @@ impl BinlogSource {
                             (chain.clone(), reached)
                         })
                         .collect();
-                    let involved = slot.index.as_ref().is_some_and(|ix| ix.involves(&qualified));
+                    let involved = slot
+                        .index
+                        .as_ref()
+                        .is_some_and(|ix| ix.involves(&qualified));
                     let compiled = if rules.is_empty() && cascades.is_empty() && !involved {
                         None
                     } else {
@@ -881,7 +904,7 @@ impl BinlogSource {
         if let Some(index) = slot.index.as_mut() {
             index.commit();
         }
-        slot.advance(&st.position);
+        slot.advance(&st.position.file, st.position.pos);
         st.standalone = false;
         st.last_commit_ms = u64::from(timestamp) * 1000;
         for _ in 0..st.batcher.take_escalations() {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use mysql_async::prelude::Queryable;
 
 pub mod proxy;
+pub mod published;
 pub mod registry;
 
 /// Connection settings of the local stack.

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
+use rtinval_tests::published::published_by;
 use rtinval_tests::{
     TestDb, producer_check, racktables_producer_config, read_events, start_producer, unique,
     workspace_root,
@@ -269,21 +270,20 @@ async fn racktables_writes_yield_the_documented_keys() {
     );
 
     // Deleting the server as RackTables does: children first, then the row. AttributeValue
-    // goes by cascade (its key derives from the Object row); the rules of other children
-    // keyed by columns the Object row does not hold (addresses, ports) make the cascade
-    // flush the cache, as deploy/racktables/README.md says.
-    db.exec(
+    // goes by cascade (its key derives from the Object row); the children keyed by columns the
+    // Object row does not hold (addresses, ports) come from the cascade index, so nothing is
+    // flushed (deploy/racktables/README.md, "Foreign-key cascades").
+    let tx = published_by(
+        &db,
+        &prefix,
         "DELETE FROM IPv4Allocation WHERE object_id = 1002;\n\
          DELETE FROM IPv6Allocation WHERE object_id = 1002;\n\
          DELETE FROM Object WHERE id = 1002",
     )
     .await;
-    wait_published(
-        &prefix,
-        "cascade flush on object delete",
-        |_, flushes, _| flushes.contains("cascade_underivable"),
-    )
-    .await;
+    assert!(tx.has_key("rt", "object:1002"), "{tx:?}");
+    assert!(tx.has_key("rt", "object_name:srv-01"), "{tx:?}");
+    assert!(tx.flushed.is_empty(), "{tx:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,89 +293,20 @@ async fn racktables_writes_yield_the_documented_keys() {
 // shipped set, which keeps everything in `rt`) tell a derived key from a flush.
 // ---------------------------------------------------------------------------------------------
 
-/// What the producer published for one transaction.
-#[derive(Debug, Default)]
-struct Published {
-    /// (cache, key)
-    keys: BTreeSet<(String, String)>,
-    /// (cache, reason)
-    flushed: BTreeSet<(String, String)>,
-    pools: BTreeSet<String>,
-}
-
-impl Published {
-    fn has_key(&self, cache: &str, key: &str) -> bool {
-        self.keys.contains(&(cache.to_owned(), key.to_owned()))
-    }
-
-    fn flushed(&self, cache: &str) -> bool {
-        self.flushed.iter().any(|(c, _)| c == cache)
-    }
-
-    /// The key is purged, or its whole cache flushed.
-    fn covers(&self, cache: &str, key: &str) -> bool {
-        self.has_key(cache, key) || self.flushed(cache)
-    }
-}
-
-/// Run `sql` (one transaction) and return what the producer published for it. A sentinel
-/// transaction that publishes on both topics follows it; once the sentinel is on both topics,
-/// everything of `sql`'s transaction is too (one partition each, published in binlog order).
-async fn published_by(db: &TestDb, prefix: &str, sql: &str) -> Published {
-    let gtid = db.exec_gtid(sql).await;
-    assert!(!gtid.is_empty(), "{sql}: no transaction written");
-    let sentinel = db
-        .exec_gtid(&format!(
-            "INSERT INTO Object (name, objtype_id) VALUES ('{}', 4)",
-            unique("sentinel")
-        ))
-        .await;
-    let topics = [
-        format!("{prefix}.cache-keys"),
-        format!("{prefix}.pool-reset"),
-    ];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut events = Vec::new();
-        for t in &topics {
-            events.push(read_events(t).await);
-        }
-        let of = |g: &str, evs: &Vec<rtinval_schemas::Event>| {
-            evs.iter().any(|e| e.source.gtid.as_deref() == Some(g))
-        };
-        if events.iter().all(|evs| of(&sentinel, evs)) {
-            let mut out = Published::default();
-            for e in events.into_iter().flatten() {
-                if e.source.gtid.as_deref() != Some(gtid.as_str()) {
-                    continue;
-                }
-                match e.body {
-                    EventBody::CacheKeys { cache, keys } => {
-                        out.keys
-                            .extend(keys.into_iter().map(|k| (cache.clone(), k)));
-                    }
-                    EventBody::CacheFlush { cache, reason } => {
-                        out.flushed.insert((cache, reason));
-                    }
-                    EventBody::PoolReset { pools } => out.pools.extend(pools),
-                    _ => {}
-                }
-            }
-            return out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sentinel after {sql:?} was not published on both topics within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A RackTables database and a producer on the shipped rule set plus `extra_rules` (TOML of
 /// `[[rules]]` tables), running.
 async fn cascade_setup(
     base: &str,
     extra_rules: &str,
+) -> (TestDb, String, rtinval_tests::Proc, tempfile::TempDir) {
+    cascade_setup_indexed(base, extra_rules, true).await
+}
+
+/// [`cascade_setup`] with the cascade index on or off (`producer.cascade_index`).
+async fn cascade_setup_indexed(
+    base: &str,
+    extra_rules: &str,
+    index: bool,
 ) -> (TestDb, String, rtinval_tests::Proc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create(base, SCHEMA).await;
@@ -383,6 +314,10 @@ async fn cascade_setup(
     let extra: toml::Table = extra_rules.parse().expect("extra rules are TOML");
     let config = config_for(&db.name, &prefix, |c| {
         c.insert("rules".into(), extra["rules"].clone());
+        c["producer"]
+            .as_table_mut()
+            .unwrap()
+            .insert("cascade_index".into(), index.into());
     });
     let mut p = start_producer(dir.path(), "producer", &config);
     p.wait_log("Streaming binlog", Duration::from_secs(30));
@@ -418,24 +353,18 @@ async fn deleting_a_virtual_service_reaches_its_enabled_servers_two_levels_down(
     )
     .await;
     let tx = published_by(&db, &prefix, "DELETE FROM VS WHERE id = 1").await;
-    // The VS itself and its first level (VSIPs, VSPorts: ipvs:{vs_id}); `rt` is flushed in
-    // the same transaction (below), which covers its keys.
-    assert!(tx.covers("rt", "ipvs:1"), "{tx:?}");
+    // The VS itself and its first level (VSIPs, VSPorts: ipvs:{vs_id}).
+    assert!(tx.has_key("rt", "ipvs:1"), "{tx:?}");
     // Second level, shipped rules: object:5, object:6, ipv4rspool:1 cannot be derived from
-    // the VS row, so the cache is flushed.
+    // the VS row; the cascade index holds the enabled rows, so the keys are exact.
     for k in ["object:5", "object:6", "ipv4rspool:1"] {
-        assert!(tx.covers("rt", k), "{k} neither purged nor flushed: {tx:?}");
+        assert!(tx.has_key("rt", k), "{k} not purged: {tx:?}");
     }
-    assert!(
-        tx.flushed
-            .contains(&("rt".into(), "cascade_underivable".into())),
-        "{tx:?}"
-    );
     // VS → VSIPs → VSEnabledIPs: vs_id is handed down both levels, so the key is exact.
     assert!(tx.has_key("lb", "ipvs:1"), "{tx:?}");
-    assert!(!tx.flushed("lb"), "a derivable key must not flush: {tx:?}");
-    // VS → VSPorts → VSEnabledPorts: rspool_id is not handed down.
-    assert!(tx.flushed("lbports"), "{tx:?}");
+    // VS → VSPorts → VSEnabledPorts: rspool_id is not handed down; the index has it.
+    assert!(tx.has_key("lbports", "rspool:1"), "{tx:?}");
+    assert!(tx.flushed.is_empty(), "no cache is flushed: {tx:?}");
     // The start-up log names what a VS delete reaches.
     let log = strip_ansi(&producer.log_text());
     let line = log
@@ -475,9 +404,10 @@ async fn deleting_a_vlan_domain_reaches_the_networks_of_its_vlans() {
     )
     .await;
     let tx = published_by(&db, &prefix, "DELETE FROM VLANDomain WHERE id = 3").await;
-    // The domain, and VLANDescription (vlan:{domain_id}:{vlan_id}: vlan_id is not the domain's).
-    assert!(tx.covers("rt", "vlandomain:3"), "{tx:?}");
-    assert!(tx.covers("rt", "vlan:3:10"), "{tx:?}");
+    // The domain, and VLANDescription (vlan:{domain_id}:{vlan_id}: vlan_id is not the domain's,
+    // the cascade index holds it).
+    assert!(tx.has_key("rt", "vlandomain:3"), "{tx:?}");
+    assert!(tx.has_key("rt", "vlan:3:10"), "{tx:?}");
     assert!(
         tx.pools.contains("rtapi") && tx.pools.contains("invapi"),
         "{tx:?}"
@@ -485,14 +415,26 @@ async fn deleting_a_vlan_domain_reaches_the_networks_of_its_vlans() {
     // VLANDomain → VLANDescription → VLANIPv4: domain_id handed down both levels.
     assert!(tx.has_key("vlanmap", "vlandomain:3"), "{tx:?}");
     assert!(!tx.flushed("vlanmap"), "{tx:?}");
-    // ipv4net_id is not.
-    assert!(tx.flushed("nets"), "{tx:?}");
+    // ipv4net_id is not handed down; the index has it.
+    assert!(tx.has_key("nets", "ipv4net:7"), "{tx:?}");
+    assert!(tx.flushed.is_empty(), "no cache is flushed: {tx:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_object_reaches_the_links_of_its_ports_and_tables_without_rules() {
-    let (db, prefix, _producer, _dir) = cascade_setup(
-        "rtcascobj",
+    deleting_an_object(true).await;
+}
+
+/// Without the cascade index (`producer.cascade_index = false`), keys the parent row cannot
+/// derive flush their cache: the fallback, still exact where the chain hands the key down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_cascade_index_underivable_cascades_flush() {
+    deleting_an_object(false).await;
+}
+
+async fn deleting_an_object(index: bool) {
+    let (db, prefix, _producer, _dir) = cascade_setup_indexed(
+        if index { "rtcascobj" } else { "rtcascnoix" },
         r#"
         [[rules]]
         table = "Link"
@@ -505,6 +447,7 @@ async fn deleting_an_object_reaches_the_links_of_its_ports_and_tables_without_ru
         cache = "pnv"
         keys = ["object:{object_id}"]
         "#,
+        index,
     )
     .await;
     // Two servers, one port each, linked; a cached VLAN config of the first's port. Port's
@@ -533,11 +476,26 @@ async fn deleting_an_object_reaches_the_links_of_its_ports_and_tables_without_ru
     // InnoDB did cascade all three levels (so the keys below are owed).
     assert_eq!(remaining("SELECT COUNT(*) FROM Link").await, 0);
     assert_eq!(remaining("SELECT COUNT(*) FROM CachedPNV").await, 0);
+    // Without the index `rt` is flushed in the same transaction, which covers its keys.
     assert!(tx.covers("rt", "object:21"), "{tx:?}");
-    // Object → Port: port:{id} is not the object's; object:{object_id} is.
-    assert!(tx.covers("rt", "port:210"), "{tx:?}");
-    // Object → Port → Link: both ends' port ids are underivable from the object row.
-    assert!(tx.flushed("links"), "{tx:?}");
+    if index {
+        assert!(tx.has_key("rt", "object:21"), "{tx:?}");
+        // Object → Port: port:{id} is not the object's; the index holds it. Object → Port →
+        // Link: both ends' port ids, the far end's too.
+        assert!(tx.has_key("rt", "port:210"), "{tx:?}");
+        assert!(tx.has_key("links", "port:210"), "{tx:?}");
+        assert!(tx.has_key("links", "port:220"), "{tx:?}");
+        assert!(tx.flushed.is_empty(), "no cache is flushed: {tx:?}");
+    } else {
+        assert!(tx.covers("rt", "port:210"), "{tx:?}");
+        // Object → Port → Link: both ends' port ids are underivable from the object row.
+        assert!(tx.flushed("links"), "{tx:?}");
+        assert!(
+            tx.flushed
+                .contains(&("rt".into(), "cascade_underivable".into())),
+            "{tx:?}"
+        );
+    }
     // Object → CachedPVM → CachedPAV → CachedPNV: object_id handed down three levels.
     assert!(tx.has_key("pnv", "object:21"), "{tx:?}");
     assert!(!tx.flushed("pnv"), "{tx:?}");
