@@ -53,8 +53,6 @@ pub struct Batcher {
     pools: BTreeSet<Arc<str>>,
     caches: BTreeMap<Arc<str>, CacheState>,
     tables: BTreeMap<Arc<str>, BTreeSet<Op>>,
-    /// Caches escalated to a flush because of `max_keys` in the current transaction.
-    escalated: usize,
 }
 
 impl Batcher {
@@ -65,7 +63,6 @@ impl Batcher {
             pools: BTreeSet::new(),
             caches: BTreeMap::new(),
             tables: BTreeMap::new(),
-            escalated: 0,
         }
     }
 
@@ -96,7 +93,6 @@ impl Batcher {
                     keys.insert(key);
                     if keys.len() > self.max_keys {
                         *state = CacheState::Flush("too_many_keys");
-                        self.escalated += 1;
                     }
                 }
             }
@@ -113,9 +109,13 @@ impl Batcher {
         self.pools.is_empty() && self.caches.is_empty()
     }
 
-    /// How many caches were escalated to a flush since the last call (for metrics).
-    pub fn take_escalations(&mut self) -> usize {
-        std::mem::take(&mut self.escalated)
+    /// Why each cache the transaction flushes is flushed (for metrics): `too_many_keys`,
+    /// `key_underivable`, `cascade_underivable`.
+    pub fn flush_reasons(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.caches.values().filter_map(|s| match s {
+            CacheState::Flush(reason) => Some(*reason),
+            CacheState::Keys(_) => None,
+        })
     }
 
     /// Forget the current transaction (rollback, or a reconnect mid-transaction).
@@ -238,7 +238,7 @@ mod tests {
         for i in 0..1000 {
             b.add(purge(&format!("k{i}")));
         }
-        assert_eq!(b.take_escalations(), 1);
+        assert_eq!(b.flush_reasons().collect::<Vec<_>>(), vec!["too_many_keys"]);
         let events = b.finish(&commit(), 1);
         assert_eq!(
             events.iter().map(|e| e.body.clone()).collect::<Vec<_>>(),

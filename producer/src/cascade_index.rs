@@ -231,12 +231,11 @@ pub fn plan(
     }
     // Every distinct edge (by child and constraint name) into a needed table, with its parent.
     let mut edges: Vec<(String, ForeignKey)> = Vec::new();
-    for c in &all {
-        let mut parent = chains
-            .iter()
-            .find(|(_, cs)| cs.iter().any(|x| std::ptr::eq(x, *c)))
-            .map(|(p, _)| p.clone())
-            .unwrap_or_default();
+    for (root, c) in chains
+        .iter()
+        .flat_map(|(r, cs)| cs.iter().map(move |c| (r, c)))
+    {
+        let mut parent = root.clone();
         for e in &c.edges {
             if needed.contains(&e.child)
                 && !edges

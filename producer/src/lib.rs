@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Plus [`cascade`] (pure: foreign keys → the chains of rows InnoDB changes unlogged, which
-//! [`rules`] compiles against each parent table), [`config`] (TOML), [`error`] (one enum per
+//! [`rules`] compiles against each parent table), [`cascade_index`] (the child rows those
+//! chains reach, from a consistent snapshot and the binlog, so a parent change yields their
+//! exact keys; the source stage owns it), [`config`] (TOML), [`error`] (one enum per
 //! boundary), [`metrics`] (Prometheus, probes) and [`position`] (the source position the
 //! stages hand on).
 //!
@@ -25,7 +27,9 @@
 //! - **Never silent.** No checkpoint → `resync`; position gone from the server → `resync`;
 //!   a key that cannot be derived or too many keys → `cache_flush`. Each is logged and counted.
 //! - **Cascades at every depth.** A parent row's change stands in for every row its cascading
-//!   foreign keys reach, transitively: their rules' keys, or a flush of their caches.
+//!   foreign keys reach, transitively: their rules' exact keys (derived from the parent row or
+//!   found in the cascade index), or — where the index is off, capped or not yet complete — a
+//!   flush of their caches.
 
 pub mod batch;
 pub mod cascade;

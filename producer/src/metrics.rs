@@ -144,7 +144,7 @@ impl Metrics {
         let cache_flushes = Family::<ReasonLabel, Counter>::default();
         r.register(
             "rtinval_producer_cache_flush_escalations",
-            "Caches flushed instead of purged by key, by reason",
+            "Caches flushed instead of purged by key, once per transaction and cache, by reason (too_many_keys, key_underivable, cascade_underivable)",
             cache_flushes.clone(),
         );
         let publish_backpressure = Counter::default();

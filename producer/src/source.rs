@@ -299,6 +299,8 @@ impl BinlogSource {
                     warn!(lost = %position, resume = %current, server_error = %error, "Binlog position no longer on the server: publishing resync.");
                     self.send_resync(&current, "position_lost", &output).await?;
                     position = current;
+                    // The skipped changes never reached the cascade index: build it again.
+                    slot = IndexSlot::default();
                 }
                 Err(e) => return Err(e),
             }
@@ -907,12 +909,10 @@ impl BinlogSource {
         slot.advance(&st.position.file, st.position.pos);
         st.standalone = false;
         st.last_commit_ms = u64::from(timestamp) * 1000;
-        for _ in 0..st.batcher.take_escalations() {
+        for reason in st.batcher.flush_reasons() {
             self.metrics
                 .cache_flushes
-                .get_or_create(&ReasonLabel {
-                    reason: "too_many_keys",
-                })
+                .get_or_create(&ReasonLabel { reason })
                 .inc();
         }
         if st.batcher.is_empty() {

@@ -48,7 +48,9 @@ fn args() -> Args {
             "--producer-bin" => {
                 a.producer_bin = it.next().map(PathBuf::from).expect("--producer-bin PATH")
             }
-            other => panic!("unknown argument {other}; use --child-rows N --ops N --producer-bin PATH"),
+            other => {
+                panic!("unknown argument {other}; use --child-rows N --ops N --producer-bin PATH")
+            }
         }
     }
     a
@@ -117,7 +119,10 @@ async fn main() {
     let ports = a.child_rows * 9 / 10;
     let links = a.child_rows - ports;
     let objects = ports.div_ceil(10);
-    assert!(links * 2 <= ports, "--child-rows too small for the link share");
+    assert!(
+        links * 2 <= ports,
+        "--child-rows too small for the link share"
+    );
     let db = TestDb::create("benchcasc", SCHEMA).await;
     let t = Instant::now();
     let mut c = db.pool.get_conn().await.unwrap();
@@ -147,7 +152,11 @@ async fn main() {
         "SELECT seq, 1 + (seq - 1) DIV 10, CONCAT('eth', seq), 1, 24",
     ));
     // Port 2k-1 linked to port 2k.
-    stmts.extend(fill("Link (porta, portb)", links, "SELECT 2 * seq - 1, 2 * seq"));
+    stmts.extend(fill(
+        "Link (porta, portb)",
+        links,
+        "SELECT 2 * seq - 1, 2 * seq",
+    ));
     for s in stmts {
         c.query_drop(s).await.unwrap();
     }
@@ -257,7 +266,11 @@ async fn main() {
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
             assert!(run.proc.try_exit().is_none(), "{} exited", run.name);
-            assert!(Instant::now() < deadline, "{} did not reach the end", run.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not reach the end",
+                run.name
+            );
             let (_, body) = http_get(&run.http, "/metrics").unwrap_or_default();
             if metric(&body, "rtinval_producer_position_bytes ") >= end_pos as f64 {
                 break;
@@ -267,7 +280,8 @@ async fn main() {
         let secs = t.elapsed().as_secs_f64();
         let (ticks, _, hwm_kb) = proc_stats(run.proc.pid());
         let cpu = ticks as f64 / clk_tck();
-        let events = rtinval_tests::read_events_from(&brokers, &format!("{prefix}.cache-keys")).await;
+        let events =
+            rtinval_tests::read_events_from(&brokers, &format!("{prefix}.cache-keys")).await;
         let mut keys = 0usize;
         let mut flushes = 0usize;
         for e in events.iter().filter(|e| e.source.pos > start_pos) {
@@ -302,7 +316,16 @@ async fn main() {
     );
     println!(
         "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>9} {:>9} {:>10} {:>8}",
-        "producer", "start s", "RSS MB", "index MB", "rows/s", "range s", "CPU s", "peak MB", "keys", "flushes"
+        "producer",
+        "start s",
+        "RSS MB",
+        "index MB",
+        "rows/s",
+        "range s",
+        "CPU s",
+        "peak MB",
+        "keys",
+        "flushes"
     );
     for (name, startup, rss, ix, rate, secs, cpu, hwm, keys, flushes) in &results {
         println!(
