@@ -40,7 +40,11 @@
 //! `bytes_estimate` reports the total, logged after each build.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
+use smallvec::SmallVec;
 
 use rtinval_schemas::Op;
 
@@ -368,12 +372,172 @@ pub fn plan(
     (out, excluded.into_iter().collect())
 }
 
-/// A row map and, per foreign key into the table, its rows' identities by key value.
-#[derive(Debug, Default)]
-struct TableIndex {
-    rows: HashMap<Row, Row>,
-    by_edge: Vec<HashMap<Row, Vec<Row>>>,
+/// One table's rows: a slab, the slots hashed by the row's identity in place (so the identity
+/// is stored once, in the row), and per foreign key into the table the slots by key value.
+#[derive(Debug)]
+struct RowStore {
+    /// How many leading cells are the identity.
+    identity: usize,
+    /// Per foreign key into the table: its columns' positions, and which are folded.
+    keys: Vec<(Vec<usize>, Vec<bool>)>,
+    slots: Vec<Option<Row>>,
+    free: Vec<u32>,
+    by_id: HashTable<u32>,
+    by_edge: Vec<hashbrown::HashMap<Row, SmallVec<[u32; 2]>>>,
+    len: usize,
+    hasher: hashbrown::DefaultHashBuilder,
     disabled: bool,
+}
+
+impl RowStore {
+    fn new(identity: usize, keys: Vec<(Vec<usize>, Vec<bool>)>) -> RowStore {
+        RowStore {
+            identity,
+            by_edge: keys.iter().map(|_| hashbrown::HashMap::new()).collect(),
+            keys,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: HashTable::new(),
+            len: 0,
+            hasher: hashbrown::DefaultHashBuilder::default(),
+            disabled: false,
+        }
+    }
+
+    fn id_of(slots: &[Option<Row>], identity: usize, slot: u32) -> &[Cell] {
+        slots
+            .get(slot as usize)
+            .and_then(Option::as_deref)
+            .map_or(&[][..], |r| &r[..identity.min(r.len())])
+    }
+
+    fn row(&self, slot: u32) -> Option<&Row> {
+        self.slots.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    /// The foreign key `edge`'s value in `row`; `None` when a column is NULL (it matches no
+    /// parent).
+    fn key(&self, edge: usize, row: &[Cell]) -> Option<Row> {
+        let (pos, fold) = &self.keys[edge];
+        pos.iter()
+            .zip(fold)
+            .map(|(&p, &f)| match row.get(p)? {
+                Cell::Null => None,
+                c if f => Some(c.folded()),
+                c => Some(c.clone()),
+            })
+            .collect()
+    }
+
+    /// Insert `row`, replacing the row of the same identity (returned).
+    fn insert(&mut self, row: Row) -> Option<Row> {
+        let before = self.remove(&row[..self.identity.min(row.len())]);
+        let keys: Vec<Option<Row>> = (0..self.keys.len()).map(|e| self.key(e, &row)).collect();
+        let hash = self.hasher.hash_one(&row[..self.identity.min(row.len())]);
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(row);
+                s
+            }
+            None => {
+                self.slots.push(Some(row));
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let RowStore {
+            slots,
+            by_id,
+            hasher,
+            identity,
+            ..
+        } = self;
+        by_id.insert_unique(hash, slot, |&s| {
+            hasher.hash_one(Self::id_of(slots, *identity, s))
+        });
+        for (e, key) in keys.into_iter().enumerate() {
+            if let Some(k) = key {
+                self.by_edge[e].entry(k).or_default().push(slot);
+            }
+        }
+        self.len += 1;
+        before
+    }
+
+    /// Remove the row with identity `id`.
+    fn remove(&mut self, id: &[Cell]) -> Option<Row> {
+        let hash = self.hasher.hash_one(id);
+        let RowStore {
+            slots,
+            by_id,
+            identity,
+            ..
+        } = self;
+        let entry = by_id
+            .find_entry(hash, |&s| Self::id_of(slots, *identity, s) == id)
+            .ok()?;
+        let (slot, _) = entry.remove();
+        let row = self.slots.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        self.len -= 1;
+        for e in 0..self.keys.len() {
+            if let Some(k) = self.key(e, &row) {
+                let map = &mut self.by_edge[e];
+                if let Some(slots) = map.get_mut(&k) {
+                    slots.retain(|s| *s != slot);
+                    if slots.is_empty() {
+                        map.remove(&k);
+                    }
+                }
+            }
+        }
+        Some(row)
+    }
+
+    /// Slots of the rows whose foreign key `edge` holds `key` (already folded).
+    fn lookup(&self, edge: usize, key: &[Cell]) -> SmallVec<[u32; 2]> {
+        self.by_edge[edge].get(key).cloned().unwrap_or_default()
+    }
+
+    /// Drop every row (the table leaves the index).
+    fn clear(&mut self) {
+        self.slots = Vec::new();
+        self.free = Vec::new();
+        self.by_id = HashTable::new();
+        self.by_edge
+            .iter_mut()
+            .for_each(|m| *m = hashbrown::HashMap::new());
+        self.len = 0;
+    }
+
+    fn bytes_estimate(&self) -> usize {
+        const CELL: usize = std::mem::size_of::<Cell>();
+        // Allocator overhead per heap block.
+        const BLOCK: usize = 16;
+        let row_bytes =
+            |r: &Row| BLOCK + r.len() * CELL + r.iter().map(Cell::heap_bytes).sum::<usize>();
+        let slab = self.slots.capacity() * std::mem::size_of::<Option<Row>>()
+            + self.slots.iter().flatten().map(row_bytes).sum::<usize>()
+            + self.free.capacity() * 4;
+        let ids = self.by_id.capacity() * (4 + 1);
+        let edges: usize = self
+            .by_edge
+            .iter()
+            .map(|m| {
+                m.capacity() * (16 + std::mem::size_of::<SmallVec<[u32; 2]>>() + 1)
+                    + m.iter()
+                        .map(|(k, v)| {
+                            row_bytes(k)
+                                + if v.spilled() {
+                                    BLOCK + v.capacity() * 4
+                                } else {
+                                    0
+                                }
+                        })
+                        .sum::<usize>()
+            })
+            .sum();
+        slab + ids + edges
+    }
 }
 
 #[derive(Debug)]
@@ -408,7 +572,9 @@ const MAX_DEPTH: usize = 64;
 #[derive(Debug)]
 pub struct CascadeIndex {
     plan: IndexPlan,
-    tables: Vec<TableIndex>,
+    tables: Vec<RowStore>,
+    /// Table indexes by `database.table`.
+    by_name: HashMap<String, usize>,
     /// Each indexed table's rules, compiled against its stored columns.
     rules: Vec<Option<Arc<TableRules>>>,
     /// Caches any indexed table's rules write to (flushed when a walk cannot finish).
@@ -418,6 +584,8 @@ pub struct CascadeIndex {
     notices: Vec<Notice>,
     /// Edge ids by parent table.
     from: HashMap<String, Vec<usize>>,
+    /// Edge ids by parent, for indexed parents (by table index).
+    out: Vec<Vec<usize>>,
 }
 
 impl CascadeIndex {
@@ -445,24 +613,40 @@ impl CascadeIndex {
         let tables = plan
             .tables
             .iter()
-            .map(|t| TableIndex {
-                by_edge: vec![HashMap::new(); t.into.len()],
-                ..TableIndex::default()
+            .map(|t| {
+                let keys = t
+                    .into
+                    .iter()
+                    .map(|&e| (plan.edges[e].child_pos.clone(), plan.edges[e].fold.clone()))
+                    .collect();
+                RowStore::new(t.identity, keys)
             })
             .collect();
+        let by_name = plan
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.table.clone(), i))
+            .collect();
         let mut from: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut out = vec![Vec::new(); plan.tables.len()];
         for (i, e) in plan.edges.iter().enumerate() {
             from.entry(e.parent.clone()).or_default().push(i);
+            if let Some(p) = plan.tables.iter().position(|t| t.table == e.parent) {
+                out[p].push(i);
+            }
         }
         CascadeIndex {
             plan,
             tables,
+            by_name,
             rules: compiled,
             caches,
             undo: Vec::new(),
             max_rows,
             notices: Vec::new(),
             from,
+            out,
         }
     }
 
@@ -471,7 +655,7 @@ impl CascadeIndex {
     }
 
     fn table_index(&self, table: &str) -> Option<usize> {
-        self.plan.tables.iter().position(|t| t.table == table)
+        self.by_name.get(table).copied()
     }
 
     /// Is `table` indexed, or the parent of an indexed table's foreign key?
@@ -492,37 +676,13 @@ impl CascadeIndex {
             .tables
             .iter()
             .zip(&self.tables)
-            .map(|(p, t)| (p.table.as_str(), t.rows.len()))
+            .map(|(p, t)| (p.table.as_str(), t.len))
             .collect()
     }
 
     /// Approximate heap bytes held by the rows and the indexes over them.
     pub fn bytes_estimate(&self) -> usize {
-        const CELL: usize = std::mem::size_of::<Cell>();
-        // A hash-table slot: key and value boxes plus control byte, at ~7/8 load.
-        const SLOT: usize = 2 * 16 + 1 + 8;
-        let row_bytes = |r: &Row| r.len() * CELL + r.iter().map(Cell::heap_bytes).sum::<usize>();
-        self.tables
-            .iter()
-            .map(|t| {
-                let rows: usize = t
-                    .rows
-                    .iter()
-                    .map(|(k, v)| SLOT + row_bytes(k) + row_bytes(v))
-                    .sum();
-                let edges: usize = t
-                    .by_edge
-                    .iter()
-                    .flat_map(|m| m.iter())
-                    .map(|(k, ids)| {
-                        SLOT + 8
-                            + row_bytes(k)
-                            + ids.iter().map(|i| 16 + row_bytes(i)).sum::<usize>()
-                    })
-                    .sum();
-                rows + edges
-            })
-            .sum()
+        self.tables.iter().map(RowStore::bytes_estimate).sum()
     }
 
     /// Decisions since the last call (tables disabled), for the caller to log and count.
@@ -571,23 +731,26 @@ impl CascadeIndex {
         after: Option<&[Value]>,
         out: &mut Vec<Intent>,
     ) {
-        for (e, cols) in &b.out {
-            let key = |image: Option<&[Value]>| -> Result<Option<Row>, ()> {
-                let Some(image) = image else { return Ok(None) };
-                cols.iter()
-                    .map(|i| {
-                        i.and_then(|i| image.get(i))
-                            .and_then(Cell::from_value)
-                            .ok_or(())
-                    })
-                    .collect::<Result<Row, ()>>()
-                    .map(Some)
-            };
-            match (key(before), key(after)) {
-                (Ok(old), Ok(new)) => self.cascade(*e, op, old, new, out, 0),
-                // A column the binlog did not carry, or the table lost it: the walk cannot
-                // look children up.
-                _ => self.give_up(out),
+        // An insert cascades nothing.
+        if op != Op::Insert {
+            for (e, cols) in &b.out {
+                let key = |image: Option<&[Value]>| -> Result<Option<Row>, ()> {
+                    let Some(image) = image else { return Ok(None) };
+                    cols.iter()
+                        .map(|i| {
+                            i.and_then(|i| image.get(i))
+                                .and_then(Cell::from_value)
+                                .ok_or(())
+                        })
+                        .collect::<Result<Row, ()>>()
+                        .map(Some)
+                };
+                match (key(before), key(after)) {
+                    (Ok(old), Ok(new)) => self.cascade(*e, op, old, new, out, 0),
+                    // A column the binlog did not carry, or the table lost it: the walk cannot
+                    // look children up.
+                    _ => self.give_up(out),
+                }
             }
         }
         let Some((t, cols)) = &b.stored else { return };
@@ -632,10 +795,11 @@ impl CascadeIndex {
         }
     }
 
-    /// A row loaded by the snapshot.
+    /// A row loaded by the snapshot (no undo: the load is not a transaction of the stream).
     pub fn load_row(&mut self, table: usize, row: Row) {
         if !self.tables[table].disabled {
-            self.upsert(table, row);
+            self.tables[table].insert(row);
+            self.check_cap(table);
         }
     }
 
@@ -647,44 +811,35 @@ impl CascadeIndex {
     /// The stream restarts at the last commit boundary: undo the unfinished transaction.
     pub fn rollback(&mut self) {
         while let Some(u) = self.undo.pop() {
-            if self.tables[u.table].disabled {
+            let table = &mut self.tables[u.table];
+            if table.disabled {
                 continue;
             }
-            self.detach(u.table, &u.identity);
+            table.remove(&u.identity);
             if let Some(row) = u.before {
-                self.attach(u.table, row);
+                table.insert(row);
             }
         }
     }
 
     fn identity(&self, t: usize, row: &[Cell]) -> Row {
-        row[..self.plan.tables[t].identity].into()
-    }
-
-    fn key(&self, e: usize, row: &[Cell]) -> Option<Row> {
-        let edge = &self.plan.edges[e];
-        edge.child_pos
-            .iter()
-            .zip(&edge.fold)
-            .map(|(&p, &fold)| match &row[p] {
-                Cell::Null => None,
-                c if fold => Some(c.folded()),
-                c => Some(c.clone()),
-            })
-            .collect()
+        row[..self.plan.tables[t].identity.min(row.len())].into()
     }
 
     /// Insert or replace by identity, with undo.
     fn upsert(&mut self, t: usize, row: Row) {
         let id = self.identity(t, &row);
-        let before = self.detach(t, &id);
+        let before = self.tables[t].insert(row);
         self.undo.push(Undo {
             table: t,
             identity: id,
             before,
         });
-        self.attach(t, row);
-        if self.tables[t].rows.len() > self.max_rows {
+        self.check_cap(t);
+    }
+
+    fn check_cap(&mut self, t: usize) {
+        if self.tables[t].len > self.max_rows {
             let detail = format!(
                 "more than producer.cascade_index_max_rows = {} rows",
                 self.max_rows
@@ -695,46 +850,13 @@ impl CascadeIndex {
 
     /// Remove by identity, with undo.
     fn remove(&mut self, t: usize, id: &Row) {
-        if let Some(before) = self.detach(t, id) {
+        if let Some(before) = self.tables[t].remove(id) {
             self.undo.push(Undo {
                 table: t,
                 identity: id.clone(),
                 before: Some(before),
             });
         }
-    }
-
-    fn attach(&mut self, t: usize, row: Row) {
-        let id = self.identity(t, &row);
-        for &e in &self.plan.tables[t].into {
-            if let Some(k) = self.key(e, &row) {
-                let slot = self.plan.edges[e].slot;
-                self.tables[t].by_edge[slot]
-                    .entry(k)
-                    .or_default()
-                    .push(id.clone());
-            }
-        }
-        self.tables[t].rows.insert(id, row);
-    }
-
-    fn detach(&mut self, t: usize, id: &Row) -> Option<Row> {
-        let row = self.tables[t].rows.remove(id)?;
-        for &e in &self.plan.tables[t].into {
-            if let Some(k) = self.key(e, &row) {
-                let slot = self.plan.edges[e].slot;
-                let map = &mut self.tables[t].by_edge[slot];
-                if let Some(ids) = map.get_mut(&k) {
-                    if let Some(i) = ids.iter().position(|x| x == id) {
-                        ids.swap_remove(i);
-                    }
-                    if ids.is_empty() {
-                        map.remove(&k);
-                    }
-                }
-            }
-        }
-        Some(row)
     }
 
     /// Stop indexing `t` and every table below it; their chains fall back to flushes.
@@ -744,15 +866,12 @@ impl CascadeIndex {
             if self.tables[t].disabled {
                 continue;
             }
-            let table = &mut self.tables[t];
-            table.disabled = true;
-            table.rows = HashMap::new();
-            table.by_edge.iter_mut().for_each(|m| *m = HashMap::new());
+            self.tables[t].disabled = true;
+            self.tables[t].clear();
             let name = self.plan.tables[t].table.clone();
-            for e in self.from.get(&name).into_iter().flatten() {
-                let child = self.plan.edges[*e].child;
+            for e in &self.out[t] {
                 todo.push((
-                    child,
+                    self.plan.edges[*e].child,
                     "parent_not_indexed",
                     format!("rows of it change through {name}, which is no longer indexed"),
                 ));
@@ -785,7 +904,7 @@ impl CascadeIndex {
         depth: usize,
     ) {
         let edge = &self.plan.edges[e];
-        let child = edge.child;
+        let (child, slot) = (edge.child, edge.slot);
         if self.tables[child].disabled {
             return;
         }
@@ -815,25 +934,30 @@ impl CascadeIndex {
             .zip(&edge.fold)
             .map(|(c, &f)| if f { c.folded() } else { c.clone() })
             .collect();
-        let Some(ids) = self.tables[child].by_edge[edge.slot].get(&lookup).cloned() else {
-            return;
-        };
-        let child_pos = edge.child_pos.clone();
-        for id in ids {
-            let Some(row) = self.tables[child].rows.get(&id).cloned() else {
+        let slots = self.tables[child].lookup(slot, &lookup);
+        for s in slots {
+            let store = &self.tables[child];
+            // A slot freed and reused while walking (a cycle through this table) holds another
+            // row: only rows still under this key are this parent's children.
+            let Some(row) = store
+                .row(s)
+                .filter(|r| store.key(slot, r).as_deref() == Some(&lookup[..]))
+                .cloned()
+            else {
                 continue;
             };
+            let edge = &self.plan.edges[e];
             let after: Option<Row> = match (action, op) {
                 (FkAction::Cascade, Op::Delete) => None,
                 (FkAction::SetNull, _) => {
                     let mut a = row.clone();
-                    child_pos.iter().for_each(|&p| a[p] = Cell::Null);
+                    edge.child_pos.iter().for_each(|&p| a[p] = Cell::Null);
                     Some(a)
                 }
                 _ => {
                     let mut a = row.clone();
                     if let Some(new) = &new {
-                        child_pos
+                        edge.child_pos
                             .iter()
                             .zip(new.iter())
                             .for_each(|(&p, v)| a[p] = v.clone());
@@ -841,44 +965,37 @@ impl CascadeIndex {
                     Some(a)
                 }
             };
+            let id = self.identity(child, &row);
             self.remove(child, &id);
             if let Some(a) = &after {
                 self.upsert(child, a.clone());
             }
+            let child_op = if after.is_some() {
+                Op::Update
+            } else {
+                Op::Delete
+            };
             if let Some(rules) = &self.rules[child] {
                 let values = |r: &Row| r.iter().map(Cell::to_value).collect::<Vec<_>>();
                 let change = crate::decode::RowChange {
-                    op: if after.is_some() {
-                        Op::Update
-                    } else {
-                        Op::Delete
-                    },
+                    op: child_op,
                     before: Some(values(&row)),
                     after: after.as_ref().map(values),
                 };
                 rules.intents(&change, out);
             }
             // The child row's own foreign keys, as its change fires them.
-            let name = self.plan.tables[child].table.clone();
-            let outgoing = self.from.get(&name).cloned().unwrap_or_default();
-            for next in outgoing {
-                let Some(pos) = self.plan.edges[next].parent_pos.clone() else {
+            for i in 0..self.out[child].len() {
+                let next = self.out[child][i];
+                let Some(pos) = &self.plan.edges[next].parent_pos else {
                     continue;
                 };
                 let pick = |r: &Row| -> Row { pos.iter().map(|&p| r[p].clone()).collect() };
-                let child_op = if after.is_some() {
-                    Op::Update
-                } else {
-                    Op::Delete
-                };
-                self.cascade(
-                    next,
-                    child_op,
-                    Some(pick(&row)),
-                    after.as_ref().map(pick),
-                    out,
-                    depth + 1,
-                );
+                let (old, new) = (Some(pick(&row)), after.as_ref().map(pick));
+                self.cascade(next, child_op, old, new, out, depth + 1);
+            }
+            if self.tables[child].disabled {
+                return;
             }
         }
     }

@@ -521,6 +521,53 @@ impl CompiledRule {
     }
 }
 
+/// What a DDL statement does to the rows of `database.table` without row events of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdlEffect {
+    /// The rows are gone (`TRUNCATE`, `DROP TABLE`/`DATABASE`, `ALTER … TRUNCATE/DROP
+    /// PARTITION`): caches holding them are stale.
+    Emptied,
+    /// The rows moved (`RENAME`, an `ALTER` that swaps a tablespace or partition).
+    Moved,
+    /// Nothing, as far as the rows are concerned (`CREATE`, `ALTER … ADD COLUMN`, …).
+    Kept,
+}
+
+/// The effect of DDL `query` (run with default database `schema`) on `database.table`. Table
+/// names are matched as words of the statement, case-insensitively; a statement that names
+/// the table without its database counts only in its own default database. Over-matching is
+/// safe (a flush or an index rebuild too many), under-matching is not.
+pub fn ddl_effect(schema: &str, query: &str, database: &str, table: &str) -> DdlEffect {
+    // Identifiers may be quoted: `rt`.`Port` is rt.port.
+    let q = query.to_ascii_lowercase().replace('`', "");
+    let words: Vec<&str> = q
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$' || c == '.'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let (db, name) = (database.to_ascii_lowercase(), table.to_ascii_lowercase());
+    let qualified = format!("{db}.{name}");
+    let in_schema = schema.eq_ignore_ascii_case(database);
+    let names_table = words
+        .iter()
+        .any(|w| *w == qualified || (in_schema && *w == name));
+    let verb = words.first().copied().unwrap_or_default();
+    let has = |w: &str| words.contains(&w);
+    match verb {
+        "drop" if (has("database") || has("schema")) && words.contains(&db.as_str()) => {
+            DdlEffect::Emptied
+        }
+        "truncate" | "drop" if names_table => DdlEffect::Emptied,
+        "alter" if names_table && has("partition") && (has("truncate") || has("drop")) => {
+            DdlEffect::Emptied
+        }
+        "rename" if names_table => DdlEffect::Moved,
+        "alter" if names_table && (has("tablespace") || has("partition") || has("rename")) => {
+            DdlEffect::Moved
+        }
+        _ => DdlEffect::Kept,
+    }
+}
+
 /// Convenience for tests and pure callers: the intents of one change as a vector.
 pub fn intents(rules: &TableRules, change: &RowChange) -> Vec<Intent> {
     let mut out = Vec::new();
@@ -587,6 +634,23 @@ mod tests {
             cache: cache.into(),
             key: k.into(),
         }
+    }
+
+    #[test]
+    fn ddl_effects_on_a_table() {
+        use DdlEffect::{Emptied, Kept, Moved};
+        let e = |schema, q| ddl_effect(schema, q, "rt", "Port");
+        assert_eq!(e("rt", "TRUNCATE TABLE Port"), Emptied);
+        assert_eq!(e("other", "TRUNCATE `rt`.`Port`"), Emptied);
+        assert_eq!(e("other", "TRUNCATE TABLE Port"), Kept, "another database's Port");
+        assert_eq!(e("rt", "DROP TABLE IF EXISTS PortLog, Port"), Emptied);
+        assert_eq!(e("rt", "DROP TABLE PortLog"), Kept, "a word, not a substring");
+        assert_eq!(e("x", "DROP DATABASE rt"), Emptied);
+        assert_eq!(e("rt", "ALTER TABLE Port TRUNCATE PARTITION p0"), Emptied);
+        assert_eq!(e("rt", "ALTER TABLE Port ADD COLUMN note INT"), Kept);
+        assert_eq!(e("rt", "RENAME TABLE Port TO Port_old"), Moved);
+        assert_eq!(e("rt", "ALTER TABLE Port DISCARD TABLESPACE"), Moved);
+        assert_eq!(e("rt", "CREATE TABLE Port2 LIKE Port"), Kept);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::error::{ER_ACCESS_DENIED_ERROR, SourceError, is_privilege_error};
 use crate::metrics::{Metrics, ReasonLabel, TableLabel, TableOpLabels, TableReasonLabels};
 use crate::position::{Position, binlog_order};
 use crate::publish::Batch;
-use crate::rules::{Intent, TableRules};
+use crate::rules::{DdlEffect, Intent, TableRules, ddl_effect};
 
 /// MariaDB event types that mysql_common does not decode.
 const MARIADB_ANNOTATE_ROWS: u8 = 160;
@@ -115,25 +115,16 @@ impl IndexSlot {
     }
 
     /// Does DDL `query` (default database `schema`) change the rows of an indexed table without
-    /// row events — `TRUNCATE`, `DROP`, `RENAME`, or an `ALTER` that swaps tablespaces or
-    /// partitions? Other schema changes keep the rows; a changed column set or type changes
+    /// row events ([`ddl_effect`]: `TRUNCATE`, `DROP`, `RENAME`, a swapped tablespace or
+    /// partition)? Other schema changes keep the rows; a changed column set or type changes
     /// the plan, which rebuilds anyway.
     fn touched_by(&self, schema: &str, query: &str) -> bool {
-        let q = query.to_ascii_lowercase();
-        let verb = q.split_whitespace().next().unwrap_or_default();
-        let rows_change = match verb {
-            "truncate" | "drop" | "rename" => true,
-            "alter" => q.contains("tablespace") || q.contains("partition"),
-            _ => false,
-        };
-        rows_change
-            && self.index.as_ref().is_some_and(|ix| {
-                ix.plan().tables.iter().any(|t| {
-                    let (db, name) = t.table.split_once('.').unwrap_or(("", &t.table));
-                    q.contains(&name.to_ascii_lowercase())
-                        && (schema.eq_ignore_ascii_case(db) || q.contains(&db.to_ascii_lowercase()))
-                })
+        self.index.as_ref().is_some_and(|ix| {
+            ix.plan().tables.iter().any(|t| {
+                let (db, name) = t.table.split_once('.').unwrap_or(("", &t.table));
+                ddl_effect(schema, query, db, name) != DdlEffect::Kept
             })
+        })
     }
 }
 
@@ -878,8 +869,11 @@ impl BinlogSource {
                     debug!(query = %trimmed.chars().take(200).collect::<String>(), "DDL in binlog.");
                     st.tables.clear();
                     st.fks_stale = true;
-                    st.last_ddl = Some((q.schema().into_owned(), trimmed.to_owned()));
-                    if st.standalone || st.batcher.is_empty() {
+                    let schema = q.schema().into_owned();
+                    let was_empty = st.batcher.is_empty();
+                    self.emptied_by_ddl(st, &schema, trimmed);
+                    st.last_ddl = Some((schema, trimmed.to_owned()));
+                    if st.standalone || was_empty {
                         return Ok(self.commit(st, slot, header.log_pos(), header.timestamp()));
                     }
                 }
@@ -887,6 +881,34 @@ impl BinlogSource {
             _ => {}
         }
         Ok(None)
+    }
+
+    /// DDL that removes a watched table's rows without row events (`TRUNCATE`, `DROP`): the
+    /// widest safe action for each of its rules — flush the cache (reason `table_emptied`),
+    /// reset the pools — in the statement's own transaction, with one log line.
+    fn emptied_by_ddl(&self, st: &mut StreamState, schema: &str, query: &str) {
+        let mut emptied = BTreeSet::new();
+        for rule in &self.rules {
+            if ddl_effect(schema, query, &rule.database, &rule.table) != DdlEffect::Emptied {
+                continue;
+            }
+            let table: Arc<str> = Arc::from(rule.qualified_table());
+            st.batcher.touch(&table, Op::Delete);
+            for pool in &rule.reset_pools {
+                st.batcher.add(Intent::ResetPool(Arc::from(pool.as_str())));
+            }
+            if let Some(cache) = &rule.cache {
+                st.batcher.add(Intent::FlushCache {
+                    cache: Arc::from(cache.as_str()),
+                    reason: "table_emptied",
+                });
+            }
+            emptied.insert(table);
+        }
+        if !emptied.is_empty() {
+            let tables: Vec<&str> = emptied.iter().map(|t| &**t).collect();
+            warn!(tables = %tables.join(", "), query = %query.chars().take(200).collect::<String>(), "DDL removed the rows of watched tables without row events: flushing their caches and resetting their pools.");
+        }
     }
 
     /// A commit boundary: move the position, and emit the transaction's events if any.

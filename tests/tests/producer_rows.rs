@@ -134,6 +134,50 @@ async fn alter_table_mid_stream_flushes_instead_of_stopping() {
     );
 }
 
+/// `TRUNCATE` (and `DROP`) remove a watched table's rows without row events: the producer
+/// flushes the caches of its rules and resets their pools, in the statement's transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncating_a_watched_table_flushes_its_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create("truncate", include_str!("../fixtures/racktables/schema.sql")).await;
+    db.exec(
+        "INSERT INTO Object (id, name) VALUES (1, 'a');\n\
+         INSERT INTO AttributeValue (object_id, object_tid, attr_id, uint_value) VALUES (1, 1, 2, 1)",
+    )
+    .await;
+    let prefix = unique("truncate");
+    let rules = "[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{id}\"]\n\n\
+                 [[rules]]\ntable = \"AttributeValue\"\nreset_pools = [\"rtapi\"]\ncache = \"attrs\"\nkeys = [\"attrs:{object_id}\"]\n";
+    let p = producer(
+        dir.path(),
+        &Stack::get().mysql_url,
+        &db.name,
+        &prefix,
+        rules,
+    );
+    db.exec("TRUNCATE TABLE AttributeValue").await;
+    let flushed = |b: &EventBody| {
+        matches!(b, EventBody::CacheFlush { cache, reason } if cache == "attrs" && reason == "table_emptied")
+    };
+    let bodies = wait_event(&prefix, "cache_flush after TRUNCATE", flushed).await;
+    assert!(
+        !bodies
+            .iter()
+            .any(|b| matches!(b, EventBody::CacheFlush { cache, .. } if cache == "rt")),
+        "only the truncated table's caches: {bodies:?}"
+    );
+    let resets = read_events(&format!("{prefix}.pool-reset")).await;
+    assert!(resets.iter().any(
+        |e| matches!(&e.body, EventBody::PoolReset { pools } if pools == &["rtapi".to_string()])
+    ));
+    assert!(
+        p.log_text()
+            .contains("DDL removed the rows of watched tables"),
+        "{}",
+        p.log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_grants_suffice_and_a_missing_one_is_named() {
     let db = TestDb::create(
