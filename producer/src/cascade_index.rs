@@ -1121,7 +1121,7 @@ pub async fn load(
     let position = match snapshot_position(conn).await? {
         Some(p) => p,
         None => {
-            let p = crate::source::current_position(conn, 0).await?;
+            let p = crate::server::current_position(conn, 0).await?;
             (p.file, p.pos)
         }
     };

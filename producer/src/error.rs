@@ -91,7 +91,7 @@ impl SourceError {
 /// ER_DBACCESS_DENIED, ER_ACCESS_DENIED_ERROR, ER_TABLEACCESS_DENIED, ER_COLUMNACCESS_DENIED,
 /// ER_SPECIFIC_ACCESS_DENIED. MariaDB answers a replication command without REPLICATION SLAVE
 /// with ER_ACCESS_DENIED_ERROR (1045) too; only at connect does 1045 mean a failed login
-/// ([`ER_ACCESS_DENIED_ERROR`], checked first by `source::connect`).
+/// ([`ER_ACCESS_DENIED_ERROR`], checked first by `server::connect`).
 pub fn is_privilege_error(code: u16) -> bool {
     matches!(code, 1044 | 1045 | 1142 | 1143 | 1227)
 }

@@ -35,7 +35,7 @@ impl LeaderLock {
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Option<LeaderLock>, SourceError> {
-        let mut conn = crate::source::connect(url).await?;
+        let mut conn = crate::server::connect(url).await?;
         let mut waiting_logged = false;
         loop {
             let got: Option<Option<i64>> =

@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod position;
 pub mod publish;
 pub mod rules;
+pub mod server;
 pub mod source;
 
 use std::collections::BTreeMap;

@@ -642,9 +642,17 @@ mod tests {
         let e = |schema, q| ddl_effect(schema, q, "rt", "Port");
         assert_eq!(e("rt", "TRUNCATE TABLE Port"), Emptied);
         assert_eq!(e("other", "TRUNCATE `rt`.`Port`"), Emptied);
-        assert_eq!(e("other", "TRUNCATE TABLE Port"), Kept, "another database's Port");
+        assert_eq!(
+            e("other", "TRUNCATE TABLE Port"),
+            Kept,
+            "another database's Port"
+        );
         assert_eq!(e("rt", "DROP TABLE IF EXISTS PortLog, Port"), Emptied);
-        assert_eq!(e("rt", "DROP TABLE PortLog"), Kept, "a word, not a substring");
+        assert_eq!(
+            e("rt", "DROP TABLE PortLog"),
+            Kept,
+            "a word, not a substring"
+        );
         assert_eq!(e("x", "DROP DATABASE rt"), Emptied);
         assert_eq!(e("rt", "ALTER TABLE Port TRUNCATE PARTITION p0"), Emptied);
         assert_eq!(e("rt", "ALTER TABLE Port ADD COLUMN note INT"), Kept);

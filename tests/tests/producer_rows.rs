@@ -139,7 +139,11 @@ async fn alter_table_mid_stream_flushes_instead_of_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncating_a_watched_table_flushes_its_caches() {
     let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::create("truncate", include_str!("../fixtures/racktables/schema.sql")).await;
+    let db = TestDb::create(
+        "truncate",
+        include_str!("../fixtures/racktables/schema.sql"),
+    )
+    .await;
     db.exec(
         "INSERT INTO Object (id, name) VALUES (1, 'a');\n\
          INSERT INTO AttributeValue (object_id, object_tid, attr_id, uint_value) VALUES (1, 1, 2, 1)",
@@ -156,9 +160,7 @@ async fn truncating_a_watched_table_flushes_its_caches() {
         rules,
     );
     db.exec("TRUNCATE TABLE AttributeValue").await;
-    let flushed = |b: &EventBody| {
-        matches!(b, EventBody::CacheFlush { cache, reason } if cache == "attrs" && reason == "table_emptied")
-    };
+    let flushed = |b: &EventBody| matches!(b, EventBody::CacheFlush { cache, reason } if cache == "attrs" && reason == "table_emptied");
     let bodies = wait_event(&prefix, "cache_flush after TRUNCATE", flushed).await;
     assert!(
         !bodies
