@@ -11,7 +11,7 @@
 //! Plus [`cascade`] (pure: foreign keys → the chains of rows InnoDB changes unlogged, which
 //! [`rules`] compiles against each parent table), [`cascade_index`] (the child rows those
 //! chains reach, from a consistent snapshot and the binlog, so a parent change yields their
-//! exact keys; the source stage owns it), [`config`] (TOML), [`error`] (one enum per
+//! exact keys; the source stage owns it), [`config`] (TOML), [`error`](mod@error) (one enum per
 //! boundary), [`metrics`] (Prometheus, probes) and [`position`] (the source position the
 //! stages hand on).
 //!

@@ -348,6 +348,43 @@ impl CompiledTemplate {
 }
 
 impl TableRules {
+    /// Does a change of `table` (`database.table`) ask for anything: a rule of its own, or a
+    /// cascade chain that starts at it?
+    pub fn watches(
+        table: &str,
+        rules: &[Rule],
+        chains: &BTreeMap<String, Vec<CascadeChain>>,
+    ) -> bool {
+        rules.iter().any(|r| r.qualified_table() == table) || chains.contains_key(table)
+    }
+
+    /// The rules of `table` (`database.table`) out of the whole rule set, with the cascade
+    /// chains that start at it and the rules each reaches, compiled against one table map.
+    pub fn for_table(
+        table: &str,
+        rules: &[Rule],
+        chains: &BTreeMap<String, Vec<CascadeChain>>,
+        shape: TableShape,
+    ) -> TableRules {
+        let own: Vec<&Rule> = rules
+            .iter()
+            .filter(|r| r.qualified_table() == table)
+            .collect();
+        let cascades: Vec<(CascadeChain, Vec<&Rule>)> = chains
+            .get(table)
+            .into_iter()
+            .flatten()
+            .map(|chain| {
+                let reached = rules
+                    .iter()
+                    .filter(|r| r.qualified_table() == chain.child())
+                    .collect();
+                (chain.clone(), reached)
+            })
+            .collect();
+        TableRules::compile_with_cascades(table, &own, &cascades, shape)
+    }
+
     /// Compile `rules` (all for this table) against the table's current column names.
     pub fn compile(table: &str, rules: &[&Rule], shape: TableShape) -> TableRules {
         TableRules::compile_with_cascades(table, rules, &[], shape)
