@@ -46,6 +46,10 @@ pub struct Config {
     /// Where each rule came from (file and 1-based position), for error messages.
     #[serde(skip)]
     rule_origins: Vec<(String, usize)>,
+    /// `rules` compiled (tables resolved, templates parsed) by [`Config::validate`], kept so
+    /// nothing compiles them again.
+    #[serde(skip)]
+    compiled: Vec<Rule>,
 }
 
 /// A file named in `rules_files`.
@@ -315,8 +319,9 @@ impl Config {
         Ok(())
     }
 
-    /// Cross-field checks that need no server.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Cross-field checks that need no server; compiles the rules once and keeps them
+    /// ([`Config::compiled_rules`]).
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
         mysql_async::Opts::from_url(&self.source.url).map_err(|e| {
             ConfigError::Invalid(format!(
                 "source.url is not a mysql:// URL ({e}); write mysql://user:password@host:port"
@@ -372,8 +377,18 @@ impl Config {
             (_, Some(registry)) => registry.validate().map_err(ConfigError::Invalid)?,
             (WireFormat::Json, None) => {}
         }
-        self.rules()?;
+        self.compiled = self.rules()?;
         Ok(())
+    }
+
+    /// The rules as [`Config::validate`] compiled them ([`Config::load`] validates).
+    pub fn compiled_rules(&self) -> Result<Vec<Rule>, ConfigError> {
+        if self.compiled.len() == self.rules.len() {
+            Ok(self.compiled.clone())
+        } else {
+            // Not validated (a config assembled in code): compile now.
+            self.rules()
+        }
     }
 
     /// Rules with tables resolved and templates parsed.
@@ -538,7 +553,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(s).map_err(|e| ConfigError::Parse {
+        let mut c: Config = toml::from_str(s).map_err(|e| ConfigError::Parse {
             path: "test".into(),
             error: e.to_string(),
         })?;

@@ -64,7 +64,7 @@ pub struct BinlogSource {
 impl BinlogSource {
     pub fn new(config: Config, metrics: Metrics) -> Result<BinlogSource, SourceError> {
         let rules = config
-            .rules()
+            .compiled_rules()
             .map_err(|e| SourceError::RuleDoesNotMatchSchema {
                 table: "?".into(),
                 msg: e.to_string(),
