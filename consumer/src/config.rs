@@ -411,11 +411,7 @@ impl Config {
             cache.url = redact_url(&cache.url);
         }
         c.schema_registry = c.schema_registry.as_ref().map(|r| r.redacted());
-        for (k, v) in c.kafka.options.iter_mut() {
-            if k.contains("password") || k.contains("secret") || k.contains("token") {
-                *v = "***".to_owned();
-            }
-        }
+        rtinval_schemas::config_file::redact_options(&mut c.kafka.options);
         serde_json::to_string(&c).unwrap_or_default()
     }
 
@@ -463,16 +459,7 @@ fn with_redis_password(url: &str, password: &str) -> String {
     }
 }
 
-/// Replace the password of a `scheme://user:password@host` URL by `***`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
-    }
-}
+pub use rtinval_schemas::config_file::redact_url;
 
 /// A parsed `http://host:port/path` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -204,7 +204,7 @@ pub async fn run(
     // Read the topic from now on, on a thread of its own (the reader is synchronous).
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Due>(100_000);
     let sel = Selection {
-        topics: vec!["cache-keys".into()],
+        topics: vec![rtinval_schemas::topics::CACHE_KEYS.into()],
         from_time: Some(crate::now_ms() as i64),
         follow: true,
         ..Selection::default()

@@ -52,12 +52,7 @@ use crate::error::{ConfigError, ConsumerError};
 use crate::metrics::Metrics;
 use crate::subscribe::Subscriber;
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use rtinval_schemas::runtime::now_ms;
 
 /// Connect to every cache (failing at the first that cannot be reached: `replay --apply`) and
 /// start every pool's debouncer.

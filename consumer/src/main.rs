@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use rtinval_consumer::config::Config;
 use rtinval_consumer::metrics::Metrics;
+use rtinval_schemas::runtime::{LogFormat, init_tracing, long_version};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -17,7 +18,7 @@ use tracing::{error, info, warn};
 /// every cache. SIGTERM/SIGINT: finish the current actions, commit, exit 0. SIGHUP: re-validate
 /// the config file and log the result (the running config is unchanged; restart to apply).
 #[derive(Parser, Debug)]
-#[command(name = "rtinval-consumer", version = concat!(env!("CARGO_PKG_VERSION"), " (event schema_version 1)"), about, long_about)]
+#[command(name = "rtinval-consumer", version = long_version(env!("CARGO_PKG_VERSION")), about, long_about)]
 struct Cli {
     /// Path of the TOML configuration.
     #[arg(
@@ -113,7 +114,7 @@ struct WaitArgs {
 #[derive(clap::Args, Debug)]
 struct ReplayArgs {
     /// Topic to read: pool-reset or cache-keys (default: both).
-    #[arg(long, value_parser = ["pool-reset", "cache-keys"])]
+    #[arg(long, value_parser = rtinval_schemas::topics::EVENTS)]
     topic: Vec<String>,
     /// First offset to read (per partition).
     #[arg(long)]
@@ -177,26 +178,6 @@ struct ReplayArgs {
 enum Format {
     Json,
     Table,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a person at a terminal: files, journald and collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 fn main() -> ExitCode {

@@ -132,12 +132,12 @@ pub fn read(
     let decoder = Decoder::new(config)?;
     let prefix = &config.kafka.topic_prefix;
     let topics: Vec<String> = if sel.topics.is_empty() {
-        vec![
-            format!("{prefix}.pool-reset"),
-            format!("{prefix}.cache-keys"),
-        ]
+        rtinval_schemas::topics::events(prefix)
     } else {
-        sel.topics.iter().map(|t| format!("{prefix}.{t}")).collect()
+        sel.topics
+            .iter()
+            .map(|t| rtinval_schemas::topics::name(prefix, t))
+            .collect()
     };
     let mut assign = TopicPartitionList::new();
     let mut ends: Vec<(String, i32, i64)> = Vec::new();
@@ -248,15 +248,15 @@ pub fn read(
 /// A Kafka client that reads topics without joining or committing for `group` (replay, the
 /// cluster barrier): the config's brokers and `kafka.options`.
 pub(crate) fn reader_config(config: &Config, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &config.kafka.options {
-        c.set(k, v);
-    }
-    c
+    rtinval_schemas::kafka::client_config(
+        &config.kafka.brokers,
+        &config.kafka.options,
+        &[
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+        ],
+    )
 }
 
 /// Decodes JSON and (with a registry) Avro events outside an async context.

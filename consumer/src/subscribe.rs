@@ -19,7 +19,7 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use rtinval_schemas::EventKind;
 use rtinval_schemas::avro::{AvroReader, decode_any};
 use tokio_util::sync::CancellationToken;
@@ -38,11 +38,8 @@ const MAX_PENDING: usize = 10_000;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The two event topics for a prefix.
-pub fn topics(prefix: &str) -> [String; 2] {
-    [
-        format!("{prefix}.pool-reset"),
-        format!("{prefix}.cache-keys"),
-    ]
+pub fn topics(prefix: &str) -> Vec<String> {
+    rtinval_schemas::topics::events(prefix)
 }
 
 /// Build the Kafka consumer of this node (its context turns librdkafka's errors into warnings,
@@ -51,22 +48,25 @@ pub fn consumer(
     config: &Config,
     metrics: &Metrics,
 ) -> Result<StreamConsumer<KafkaContext>, ConsumerError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", config.group_id())
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        // A committed offset out of range (retention passed, topic recreated) must not be
-        // silently reset: it surfaces as an error and the node resyncs.
-        .set("auto.offset.reset", "error")
-        // Bounds the latency of an idle partition's fetch: some Kafka-protocol brokers (tansu)
-        // answer an empty fetch only after this wait even when data arrives meanwhile.
-        // Override in kafka.options; with Apache Kafka a larger value saves idle requests.
-        .set("fetch.wait.max.ms", "50");
-    for (k, v) in &config.kafka.options {
-        c.set(k, v);
-    }
+    let group = config.group_id();
+    let c = rtinval_schemas::kafka::client_config(
+        &config.kafka.brokers,
+        &config.kafka.options,
+        &[
+            ("group.id", group.as_str()),
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "1000"),
+            ("enable.auto.offset.store", "false"),
+            // A committed offset out of range (retention passed, topic recreated) must not be
+            // silently reset: it surfaces as an error and the node resyncs.
+            ("auto.offset.reset", "error"),
+            // Bounds the latency of an idle partition's fetch: some Kafka-protocol brokers
+            // (tansu) answer an empty fetch only after this wait even when data arrives
+            // meanwhile. Override in kafka.options; with Apache Kafka a larger value saves idle
+            // requests.
+            ("fetch.wait.max.ms", "50"),
+        ],
+    );
     let m = metrics.clone();
     let on_error = std::sync::Arc::new(move |code: &str| m.kafka_error(code));
     c.create_with_context(KafkaContext::new(&config.kafka.brokers, on_error))
@@ -647,11 +647,8 @@ pub async fn dead_letter(
         brokers: config.kafka.brokers.clone(),
         error: e,
     };
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers);
-    for (k, v) in &config.kafka.options {
-        c.set(k, v);
-    }
+    let mut c =
+        rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[]);
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         c.create().map_err(|e| err(e.to_string()))?;
     let results = admin

@@ -525,28 +525,7 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-/// Blank librdkafka options that hold secrets (`sasl.password`, `ssl.key.password`, ...).
-pub fn redact_options(options: &mut std::collections::BTreeMap<String, String>) {
-    for (k, v) in options.iter_mut() {
-        if k.contains("password") || k.contains("secret") || k.contains("token") {
-            *v = "***".to_owned();
-        }
-    }
-}
-
-/// Replace the password of a `scheme://user:password@host` URL by `***`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+pub use rtinval_schemas::config_file::{redact_options, redact_url};
 
 #[cfg(test)]
 mod tests {

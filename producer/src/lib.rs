@@ -61,12 +61,7 @@ use crate::metrics::Metrics;
 use crate::publish::{Publisher, Topics};
 use crate::source::{BinlogSource, Start};
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use rtinval_schemas::runtime::now_ms;
 
 /// Why the pipeline stopped.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use rtinval_producer::config::Config;
 use rtinval_producer::metrics::Metrics;
+use rtinval_schemas::runtime::{LogFormat, init_tracing, long_version};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -18,7 +19,7 @@ use tracing::info;
 /// the current transaction, with a final checkpoint. Exit status: 0 on shutdown, 1 on a fatal
 /// error (the message says what to fix), 2 on a bad command line.
 #[derive(Parser, Debug)]
-#[command(name = "rtinval-producer", version = long_version(), about, long_about)]
+#[command(name = "rtinval-producer", version = long_version(env!("CARGO_PKG_VERSION")), about, long_about)]
 struct Cli {
     /// Path of the TOML configuration.
     #[arg(
@@ -34,35 +35,6 @@ struct Cli {
     /// Validate the config (and, with a reachable source, the server settings and rules), then exit.
     #[arg(long)]
     check: bool,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn long_version() -> &'static str {
-    concat!(
-        env!("CARGO_PKG_VERSION"),
-        " (event schema_version ",
-        "1",
-        ")"
-    )
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RTINVAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a person at a terminal: files, journald and collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 fn main() -> ExitCode {

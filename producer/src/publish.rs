@@ -40,10 +40,11 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: &str) -> Topics {
+        use rtinval_schemas::topics::{CACHE_KEYS, CHECKPOINTS, POOL_RESET, name};
         Topics {
-            pool_reset: format!("{prefix}.pool-reset"),
-            cache_keys: format!("{prefix}.cache-keys"),
-            checkpoints: format!("{prefix}.checkpoints"),
+            pool_reset: name(prefix, POOL_RESET),
+            cache_keys: name(prefix, CACHE_KEYS),
+            checkpoints: name(prefix, CHECKPOINTS),
         }
     }
 }
@@ -66,27 +67,21 @@ pub struct InFlight {
 
 /// librdkafka settings shared by the producer's clients.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &kafka.brokers);
-    for (k, v) in &kafka.options {
-        c.set(k, v);
-    }
-    c
+    rtinval_schemas::kafka::client_config(&kafka.brokers, &kafka.options, &[])
 }
 
 /// The idempotent, acks=all producer.
 pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
-    let mut c = client_config(kafka);
     // Tunable defaults: kafka.options wins.
-    for (k, v) in [
-        ("linger.ms", "5"),
-        ("message.timeout.ms", "300000"),
-        ("queue.buffering.max.messages", "200000"),
-    ] {
-        if !kafka.options.contains_key(k) {
-            c.set(k, v);
-        }
-    }
+    let mut c = rtinval_schemas::kafka::client_config(
+        &kafka.brokers,
+        &kafka.options,
+        &[
+            ("linger.ms", "5"),
+            ("message.timeout.ms", "300000"),
+            ("queue.buffering.max.messages", "200000"),
+        ],
+    );
     // The delivery guarantees are not tunable.
     c.set("enable.idempotence", "true")
         .set("acks", "all")

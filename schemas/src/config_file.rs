@@ -35,6 +35,26 @@ pub fn parse_error(text: &str, e: &toml::de::Error) -> String {
     format!("line {line_no}: {place}{message}")
 }
 
+/// Replace the password of a `scheme://user:password@host` URL by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+/// Blank librdkafka options that hold secrets (`sasl.password`, `ssl.key.password`, ...).
+pub fn redact_options(options: &mut std::collections::BTreeMap<String, String>) {
+    for (k, v) in options.iter_mut() {
+        if k.contains("password") || k.contains("secret") || k.contains("token") {
+            *v = "***".to_owned();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,8 +80,35 @@ impl ClientContext for KafkaContext {
 
 impl ConsumerContext for KafkaContext {}
 
+/// A librdkafka config for `brokers`: `defaults` first, then the operator's `options`
+/// (`kafka.options`), which win. Settings that are not tunable are set by the caller after.
+pub fn client_config(
+    brokers: &str,
+    options: &std::collections::BTreeMap<String, String>,
+    defaults: &[(&str, &str)],
+) -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    for (k, v) in options {
+        c.set(k, v);
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_operators_options_win_over_defaults() {
+        let options = std::collections::BTreeMap::from([("linger.ms".to_owned(), "50".to_owned())]);
+        let c = super::client_config("b:1", &options, &[("linger.ms", "5"), ("acks", "all")]);
+        assert_eq!(c.get("bootstrap.servers"), Some("b:1"));
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        assert_eq!(c.get("acks"), Some("all"));
+    }
+
     use super::*;
     use rdkafka::types::RDKafkaErrorCode;
 

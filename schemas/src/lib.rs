@@ -19,6 +19,8 @@ pub mod avro;
 pub mod config_file;
 pub mod kafka;
 pub mod position;
+pub mod runtime;
+pub mod topics;
 
 /// Version of the envelope written by this build. Bumped only with a documented migration.
 pub const SCHEMA_VERSION: u32 = 1;
