@@ -73,36 +73,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::http::StatusCode;
     use axum::routing::get;
-    let (m1, m2) = (metrics.clone(), metrics);
-    let mut app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let body = m1.encode();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let reason = m2.not_ready_reason();
-                async move {
-                    match reason {
-                        None => (StatusCode::OK, "ready\n".to_owned()),
-                        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
-                    }
-                }
-            }),
-        );
+    let mut app = rtinval_schemas::http::router(metrics);
     if let Some(barrier) = barrier {
         app = app.route(
             "/wait",

@@ -377,3 +377,13 @@ impl Metrics {
         out
     }
 }
+
+impl rtinval_schemas::http::Probes for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+
+    fn not_ready_reason(&self) -> Option<String> {
+        Metrics::not_ready_reason(self)
+    }
+}

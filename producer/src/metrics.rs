@@ -274,6 +274,16 @@ impl Metrics {
     }
 }
 
+impl rtinval_schemas::http::Probes for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+
+    fn not_ready_reason(&self) -> Option<String> {
+        Metrics::not_ready_reason(self)
+    }
+}
+
 /// Serve `/metrics`, `/healthz` (alive) and `/readyz` (streaming) on `listener` until
 /// `shutdown`.
 pub async fn serve(
@@ -281,40 +291,7 @@ pub async fn serve(
     metrics: Metrics,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let m1 = metrics.clone();
-    let m2 = metrics;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = m1.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let reason = m2.not_ready_reason();
-                async move {
-                    match reason {
-                        None => (StatusCode::OK, "ready\n".to_owned()),
-                        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
-                    }
-                }
-            }),
-        );
-    axum::serve(listener, app)
+    axum::serve(listener, rtinval_schemas::http::router(metrics))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -12,11 +12,19 @@
 //!   change re-published after a crash carries the same id and duplicates are recognisable.
 //! - Decoding rejects an unknown `schema_version` ([`DecodeError::UnsupportedVersion`]) instead
 //!   of guessing; callers turn that into their widest safe action.
+//!
+//! Beside the contract, what both binaries share at run time (one place each, so the producer
+//! and the consumer cannot drift apart): [`topics`] (topic names from the prefix), [`kafka`]
+//! (the client context and the base librdkafka config), [`config_file`] (parse errors as one
+//! line, secret redaction), [`http`] (the `/metrics`, `/healthz`, `/readyz` probes),
+//! [`runtime`] (logging set-up, `--version`, the clock) and
+//! [`position`] (binlog positions and GTIDs, compared for the barrier).
 
 use serde::{Deserialize, Serialize};
 
 pub mod avro;
 pub mod config_file;
+pub mod http;
 pub mod kafka;
 pub mod position;
 pub mod runtime;
