@@ -44,22 +44,39 @@ pub enum SourceError {
         "the source refused the login for {url}: {msg}; the user or password in source.url is wrong (RTINVAL_SOURCE_PASSWORD overrides the password), or the account may not connect from this host"
     )]
     AuthenticationFailed { url: String, msg: String },
-    #[error("cannot connect to the source {url}: {error}")]
+    #[error("cannot connect to the source {url}")]
     Connect {
         url: String,
+        #[source]
         error: mysql_async::Error,
     },
-    #[error("binlog stream failed at {position}: {error}")]
-    Stream { position: String, error: String },
+    #[error("source.url is not a mysql:// URL; write mysql://user:password@host:port")]
+    BadUrl {
+        #[source]
+        error: mysql_async::UrlError,
+    },
+    #[error("the source {url} accepted the connection but sent no handshake within 10 s")]
+    NoHandshake { url: String },
+    #[error("binlog stream failed at {position}")]
+    Stream {
+        position: String,
+        #[source]
+        error: mysql_async::Error,
+    },
+    #[error("the server closed the binlog stream at {position}")]
+    StreamClosed { position: String },
+    #[error("no answer to a binlog request at {position} within 10 s")]
+    NoBinlogAnswer { position: String },
     #[error("binlog position {position} is no longer on the server: {error}")]
     PositionLost { position: String, error: String },
     #[error("binlog stream idle for {secs} s at {position} (no events, no heartbeats)")]
     ReadTimeout { position: String, secs: u64 },
-    #[error("cannot decode binlog event at {position} (table {table}): {error}")]
+    #[error("cannot decode binlog event at {position} (table {table})")]
     Decode {
         position: String,
         table: String,
-        error: String,
+        #[source]
+        error: std::io::Error,
     },
     #[error("query on the source failed: {0}")]
     Query(#[from] mysql_async::Error),
@@ -76,7 +93,9 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Connect { .. }
+            | SourceError::NoHandshake { .. }
             | SourceError::Stream { .. }
+            | SourceError::StreamClosed { .. }
             | SourceError::ReadTimeout { .. } => true,
             SourceError::Query(e) => {
                 !matches!(e, mysql_async::Error::Server(s) if is_privilege_error(s.code))
@@ -102,9 +121,10 @@ pub const ER_ACCESS_DENIED_ERROR: u16 = 1045;
 /// Kafka publishing or checkpointing failed.
 #[derive(Debug, Error)]
 pub enum KafkaError {
-    #[error("cannot create Kafka client for {brokers}: {error}")]
+    #[error("cannot create Kafka client for {brokers}")]
     Client {
         brokers: String,
+        #[source]
         error: rdkafka::error::KafkaError,
     },
     #[error("cannot create topic {topic}: {error}")]

@@ -49,6 +49,7 @@ pub mod source;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rtinval_schemas::runtime::chain;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -135,7 +136,7 @@ pub async fn run(
                     && (e.is_lost_leadership() || (recovering && e.is_transient())) =>
             {
                 recovering = true;
-                warn!(error = %e, "Not leading; standing by for the lock again.");
+                warn!(error = %chain(&e), "Not leading; standing by for the lock again.");
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -245,7 +246,7 @@ async fn run_once(
             Err(e) => ("?", Err(PipelineError::Panic(e.to_string()))),
         };
         if let Err(e) = result {
-            error!(stage, error = %e, "Stage failed; stopping the pipeline.");
+            error!(stage, error = %chain(&e), "Stage failed; stopping the pipeline.");
             shutdown.cancel();
             first_error.get_or_insert(e);
         } else if stage == "source" {

@@ -29,16 +29,12 @@ pub struct ServerInfo {
 /// Connect to the source at `url`: a frozen server (TCP accepted, no handshake) is given 10 s; a
 /// failed login and a missing privilege are told apart from an unreachable server.
 pub async fn connect(url: &str) -> Result<Conn, SourceError> {
-    let opts = Opts::from_url(url).map_err(|e| SourceError::Stream {
-        position: String::new(),
-        error: format!("bad source.url: {e}"),
-    })?;
+    let opts = Opts::from_url(url).map_err(|error| SourceError::BadUrl { error })?;
     let redacted = crate::config::redact_url(url);
     let conn = tokio::time::timeout(Duration::from_secs(10), Conn::new(opts))
         .await
-        .map_err(|_| SourceError::Stream {
-            position: String::new(),
-            error: format!("no handshake from {redacted} within 10 s"),
+        .map_err(|_| SourceError::NoHandshake {
+            url: redacted.clone(),
         })?;
     conn.map_err(|error| match error {
         mysql_async::Error::Server(s) if s.code == ER_ACCESS_DENIED_ERROR => {

@@ -9,6 +9,19 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// An error and its causes, outermost first, as one line (`a: b: c`): what a log line or an
+/// exit message shows of an error whose causes are [`std::error::Error::source`]s.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// `--log-format`: lines for people, or one JSON object per line for collectors.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {

@@ -208,7 +208,7 @@ impl<'a> Events<'a> {
             let (before, after) = row.map_err(|e| SourceError::Decode {
                 position: format!("{}:{log_pos}", self.file),
                 table: table.to_string(),
-                error: e.to_string(),
+                error: e,
             })?;
             let change = RowChange { op, before, after };
             let batcher = &self.batcher;
@@ -382,10 +382,10 @@ impl<'a> Events<'a> {
             }
             _ => {}
         }
-        let data = event.read_data().map_err(|e| SourceError::Decode {
+        let data = event.read_data().map_err(|error| SourceError::Decode {
             position: format!("{}:{log_pos}", self.file),
             table: "-".into(),
-            error: e.to_string(),
+            error,
         })?;
         let Some(data) = data else { return Ok(None) };
         match data {
@@ -425,7 +425,7 @@ impl<'a> Events<'a> {
                             .ok_or_else(|| SourceError::Decode {
                                 position: format!("{}:{log_pos}", self.file),
                                 table: watched.rules.table.to_string(),
-                                error: "rows event without a table map".into(),
+                                error: std::io::Error::other("rows event without a table map"),
                             })?;
                     let decoded = rows.rows(tme).map(|row| {
                         row.map(|(b, a)| (b.map(|r| shape.values(r)), a.map(|r| shape.values(r))))

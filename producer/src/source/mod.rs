@@ -24,6 +24,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn};
+use rtinval_schemas::runtime::chain;
 use rtinval_schemas::{Event, EventBody, SCHEMA_VERSION, event_id};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -109,9 +110,8 @@ impl BinlogSource {
             Ok(Some(Err(e))) => return Err(privilege_error(e)),
             Ok(_) => {}
             Err(_) => {
-                return Err(SourceError::Stream {
+                return Err(SourceError::NoBinlogAnswer {
                     position: position.to_string(),
-                    error: "no answer to a binlog request within 10 s".into(),
                 });
             }
         }
@@ -183,7 +183,7 @@ impl BinlogSource {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     self.metrics.reconnects.inc();
-                    warn!(position = %position, error = %e, retry_in_ms = backoff.as_millis() as u64, "Binlog stream interrupted, reconnecting.");
+                    warn!(position = %position, error = %chain(&e), retry_in_ms = backoff.as_millis() as u64, "Binlog stream interrupted, reconnecting.");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -358,9 +358,8 @@ impl BinlogSource {
                 next = stream.next() => {
                     last_received = tokio::time::Instant::now();
                     let event = match next {
-                        None => return Err(SourceError::Stream {
+                        None => return Err(SourceError::StreamClosed {
                             position: st.position.to_string(),
-                            error: "the server closed the binlog stream".into(),
                         }),
                         Some(Err(mysql_async::Error::Server(e)))
                             if e.code == ER_MASTER_FATAL_ERROR_READING_BINLOG =>
@@ -376,7 +375,7 @@ impl BinlogSource {
                         Some(Err(e)) => {
                             return Err(SourceError::Stream {
                                 position: st.position.to_string(),
-                                error: e.to_string(),
+                                error: e,
                             });
                         }
                         Some(Ok(event)) => event,
