@@ -2,16 +2,8 @@
 
 use thiserror::Error;
 
-/// The configuration file cannot be used.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {error}")]
-    Read { path: String, error: std::io::Error },
-    #[error("config {path} {error}")]
-    Parse { path: String, error: String },
-    #[error("config: {0}")]
-    Invalid(String),
-}
+/// The configuration file cannot be used (shared with the producer).
+pub use rtinval_schemas::config_file::ConfigError;
 
 /// A pool reload failed (retried with backoff by the debouncer).
 #[derive(Debug, Error)]

@@ -3,25 +3,8 @@
 
 use thiserror::Error;
 
-/// The configuration file cannot be used.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {error}")]
-    Read { path: String, error: std::io::Error },
-    #[error("config {path} {error}")]
-    Parse { path: String, error: String },
-    #[error("config: {0}")]
-    Invalid(String),
-    #[error("config: rule #{index} of {origin} (table {table:?}): {msg}")]
-    Rule {
-        /// 1-based position in the file the rule is in.
-        index: usize,
-        /// The config file, or the rules file the rule came from.
-        origin: String,
-        table: String,
-        msg: String,
-    },
-}
+/// The configuration file cannot be used (shared with the consumer).
+pub use rtinval_schemas::config_file::ConfigError;
 
 /// The binlog source failed.
 #[derive(Debug, Error)]

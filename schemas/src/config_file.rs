@@ -55,6 +55,27 @@ pub fn redact_options(options: &mut std::collections::BTreeMap<String, String>) 
     }
 }
 
+/// A config file that cannot be used: both binaries' one error type for their configs.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("config {path} {error}")]
+    Parse { path: String, error: String },
+    #[error("config: {0}")]
+    Invalid(String),
+    /// A producer rule (tables and key templates) that cannot work.
+    #[error("config: rule #{index} of {origin} (table {table:?}): {msg}")]
+    Rule {
+        /// 1-based position in the file the rule is in.
+        index: usize,
+        /// The config file, or the rules file the rule came from.
+        origin: String,
+        table: String,
+        msg: String,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
