@@ -8,6 +8,11 @@
 //!     → batch (pure: per commit) ──mpsc──► publish (Kafka) ──mpsc──► checkpoint (acks → position)
 //! ```
 //!
+//! [`source`] is three rooms: streaming and reconnects (its `mod.rs`), what each binlog event
+//! does (`events`, plain methods unit-tested without a server) and the cascade index slot
+//! (`index`). What the producer asks the server outside the stream — connect (shared with
+//! [`leader`]), start-up checks, the current position, foreign keys — is [`server`].
+//!
 //! Plus [`cascade`] (pure: foreign keys → the chains of rows InnoDB changes unlogged, which
 //! [`rules`] compiles against each parent table), [`cascade_index`] (the child rows those
 //! chains reach, from a consistent snapshot and the binlog, so a parent change yields their
