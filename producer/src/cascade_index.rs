@@ -1286,6 +1286,10 @@ mod tests {
             .collect()
     }
 
+    fn want(keys: &[&str]) -> BTreeSet<String> {
+        keys.iter().map(|k| (*k).to_owned()).collect()
+    }
+
     fn flushes(out: &[Intent]) -> usize {
         out.iter()
             .filter(|i| matches!(i, Intent::FlushCache { .. }))
@@ -1342,10 +1346,7 @@ mod tests {
         ix.logged(&object, Op::Delete, Some(&row), None, &mut out);
         assert_eq!(
             keys(&out),
-            ["object:10", "port:1", "port:2", "port:3", "port:4"]
-                .into_iter()
-                .map(String::from)
-                .collect()
+            want(&["object:10", "port:1", "port:2", "port:3", "port:4"])
         );
         assert_eq!(flushes(&out), 0);
         // The engine deleted the ports and links: the index did too.
@@ -1368,10 +1369,7 @@ mod tests {
         let mut out = Vec::new();
         let row = vec![Value::Int(2), Value::Int(20), Value::Null];
         ix.logged(&port, Op::Delete, Some(&row), None, &mut out);
-        assert_eq!(
-            keys(&out),
-            ["port:1", "port:2"].into_iter().map(String::from).collect()
-        );
+        assert_eq!(keys(&out), want(&["port:1", "port:2"]));
         assert_eq!(ix.row_counts(), vec![("rt.Link", 0), ("rt.Port", 1)]);
     }
 
@@ -1535,13 +1533,7 @@ mod tests {
             Some(&d(2, "dc-one", Some(1))),
             &mut out,
         );
-        assert_eq!(
-            keys(&out),
-            ["vlan:10:DC1 ", "vlan:10:dc-one"]
-                .into_iter()
-                .map(String::from)
-                .collect()
-        );
+        assert_eq!(keys(&out), want(&["vlan:10:DC1 ", "vlan:10:dc-one"]));
         // Deleting the group sets dc-one's group_id to NULL: its old and new keys.
         let mut out = Vec::new();
         ix.logged(
@@ -1551,13 +1543,7 @@ mod tests {
             None,
             &mut out,
         );
-        assert_eq!(
-            keys(&out),
-            ["domain:2", "group:1"]
-                .into_iter()
-                .map(String::from)
-                .collect()
-        );
+        assert_eq!(keys(&out), want(&["domain:2", "group:1"]));
         // The rewritten rows are indexed under their new values.
         let mut out = Vec::new();
         ix.logged(
@@ -1567,10 +1553,7 @@ mod tests {
             None,
             &mut out,
         );
-        assert_eq!(
-            keys(&out),
-            ["vlan:10:dc-one"].into_iter().map(String::from).collect()
-        );
+        assert_eq!(keys(&out), want(&["vlan:10:dc-one"]));
     }
 
     #[test]

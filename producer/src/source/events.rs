@@ -482,6 +482,13 @@ mod tests {
         }
     }
 
+    /// A fresh stream's state at [`start`], without a cascade index.
+    fn events<'a>(rules: &'a [Rule], metrics: &'a Metrics) -> (Events<'a>, IndexSlot) {
+        let settings = ProducerSettings::default();
+        let ev = Events::new(rules, metrics, &settings, start(), BTreeMap::new());
+        (ev, IndexSlot::default())
+    }
+
     fn shape(cols: &[&str]) -> Option<TableShape> {
         Some(TableShape::named(
             cols.iter().map(|c| c.to_string()).collect(),
@@ -510,9 +517,7 @@ mod tests {
     #[test]
     fn a_transaction_becomes_one_batch_at_its_commit() {
         let (rules, metrics) = (rules(), Metrics::new());
-        let settings = ProducerSettings::default();
-        let mut ev = Events::new(&rules, &metrics, &settings, start(), BTreeMap::new());
-        let mut slot = IndexSlot::default();
+        let (mut ev, mut slot) = events(&rules, &metrics);
         ev.gtid("0-1-7".into(), false);
         assert!(ev.query(&mut slot, "rt", "BEGIN", 100, 0).is_none());
         ev.table_map(&slot, 11, "rt", "Object", || shape(&["id", "name"]))
@@ -554,9 +559,7 @@ mod tests {
     #[test]
     fn rollback_and_begin_drop_what_was_collected() {
         let (rules, metrics) = (rules(), Metrics::new());
-        let settings = ProducerSettings::default();
-        let mut ev = Events::new(&rules, &metrics, &settings, start(), BTreeMap::new());
-        let mut slot = IndexSlot::default();
+        let (mut ev, mut slot) = events(&rules, &metrics);
         ev.table_map(&slot, 11, "rt", "Object", || shape(&["id", "name"]))
             .unwrap();
         let object = ev.watched(11).unwrap();
@@ -570,9 +573,7 @@ mod tests {
     #[test]
     fn ddl_is_a_boundary_and_truncate_flushes_the_tables_caches() {
         let (rules, metrics) = (rules(), Metrics::new());
-        let settings = ProducerSettings::default();
-        let mut ev = Events::new(&rules, &metrics, &settings, start(), BTreeMap::new());
-        let mut slot = IndexSlot::default();
+        let (mut ev, mut slot) = events(&rules, &metrics);
         ev.table_map(&slot, 11, "rt", "Object", || shape(&["id"]))
             .unwrap();
         ev.gtid("0-1-9".into(), true);
@@ -604,9 +605,7 @@ mod tests {
     #[test]
     fn a_row_that_does_not_decode_names_the_table_and_position() {
         let (rules, metrics) = (rules(), Metrics::new());
-        let settings = ProducerSettings::default();
-        let mut ev = Events::new(&rules, &metrics, &settings, start(), BTreeMap::new());
-        let mut slot = IndexSlot::default();
+        let (mut ev, mut slot) = events(&rules, &metrics);
         ev.table_map(&slot, 11, "rt", "Object", || shape(&["id"]))
             .unwrap();
         let object = ev.watched(11).unwrap();
@@ -627,9 +626,7 @@ mod tests {
     #[test]
     fn rotates_count_only_after_the_format_description() {
         let (rules, metrics) = (rules(), Metrics::new());
-        let settings = ProducerSettings::default();
-        let mut ev = Events::new(&rules, &metrics, &settings, start(), BTreeMap::new());
-        let mut slot = IndexSlot::default();
+        let (mut ev, mut slot) = events(&rules, &metrics);
         ev.rotate("bin.000001\u{0}crc".into());
         ev.format_description();
         ev.rotate("bin.000002".into());
