@@ -314,33 +314,8 @@ impl Config {
             registry.validate().map_err(ConfigError::Invalid)?;
         }
         for (name, p) in &self.pools {
-            match p.reload {
-                ReloadKind::Signal => {
-                    if p.pidfile.as_deref().unwrap_or("").is_empty() {
-                        return invalid(format!("pools.{name}: reload = \"signal\" needs pidfile"));
-                    }
-                    parse_signal(&p.signal)
-                        .map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
-                }
-                ReloadKind::Http => {
-                    let url = p.url.as_deref().unwrap_or("");
-                    HttpTarget::parse(url)
-                        .map_err(|e| ConfigError::Invalid(format!("pools.{name}: url: {e}")))?;
-                    if !p.method.chars().all(|c| c.is_ascii_uppercase()) || p.method.is_empty() {
-                        return invalid(format!(
-                            "pools.{name}: method {:?} must be an HTTP method like POST",
-                            p.method
-                        ));
-                    }
-                }
-                ReloadKind::Command => {
-                    if p.command.is_empty() {
-                        return invalid(format!(
-                            "pools.{name}: reload = \"command\" needs command = [argv...]"
-                        ));
-                    }
-                }
-            }
+            p.reload_action()
+                .map_err(|e| ConfigError::Invalid(format!("pools.{name}: {e}")))?;
             if p.max_delay_ms < p.debounce_ms {
                 return invalid(format!(
                     "pools.{name}: max_delay_ms ({}) must be at least debounce_ms ({})",
@@ -438,6 +413,70 @@ pub fn valid_listen(listen: &str) -> bool {
 }
 
 /// `USR2`, `SIGUSR2`, `hup` → a signal.
+/// How a pool is reloaded, with its settings parsed: what `apply::pool` runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadAction {
+    /// Send `signal` to the PID in `pidfile`.
+    Signal {
+        pidfile: String,
+        signal: nix::sys::signal::Signal,
+    },
+    /// Call `target` with `method`; 2xx within `timeout` is success.
+    Http {
+        target: HttpTarget,
+        method: String,
+        timeout: Duration,
+    },
+    /// Run `argv`; exit 0 within `timeout` is success (a command is killed after it).
+    Command {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
+}
+
+impl PoolConfig {
+    /// The reload this pool's settings describe, parsed once; `Err` names the setting to fix.
+    pub fn reload_action(&self) -> Result<ReloadAction, String> {
+        let timeout = Duration::from_secs(self.timeout_secs.max(1));
+        match self.reload {
+            ReloadKind::Signal => {
+                let pidfile = self.pidfile.clone().unwrap_or_default();
+                if pidfile.is_empty() {
+                    return Err("reload = \"signal\" needs pidfile".into());
+                }
+                Ok(ReloadAction::Signal {
+                    pidfile,
+                    signal: parse_signal(&self.signal)?,
+                })
+            }
+            ReloadKind::Http => {
+                let target = HttpTarget::parse(self.url.as_deref().unwrap_or(""))
+                    .map_err(|e| format!("url: {e}"))?;
+                if !self.method.chars().all(|c| c.is_ascii_uppercase()) || self.method.is_empty() {
+                    return Err(format!(
+                        "method {:?} must be an HTTP method like POST",
+                        self.method
+                    ));
+                }
+                Ok(ReloadAction::Http {
+                    target,
+                    method: self.method.clone(),
+                    timeout,
+                })
+            }
+            ReloadKind::Command => {
+                if self.command.is_empty() {
+                    return Err("reload = \"command\" needs command = [argv...]".into());
+                }
+                Ok(ReloadAction::Command {
+                    argv: self.command.clone(),
+                    timeout,
+                })
+            }
+        }
+    }
+}
+
 pub fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
     let upper = name.trim().to_ascii_uppercase();
     let full = if upper.starts_with("SIG") {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::apply::Interrupted;
-use crate::config::{PoolConfig, ReloadKind, parse_signal};
+use crate::config::{PoolConfig, ReloadAction};
 use crate::error::ReloadError;
 use crate::metrics::Metrics;
 
@@ -41,45 +41,37 @@ impl Timing {
 /// Something that reloads a pool once.
 pub type ReloadFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), ReloadError>> + Send + Sync>;
 
-/// The reload mechanism configured for a pool.
+/// The reload mechanism configured for a pool (its settings parsed by
+/// [`PoolConfig::reload_action`], once).
 pub fn reloader(name: &str, c: &PoolConfig) -> Result<ReloadFn, String> {
     let pool = name.to_owned();
-    match c.reload {
-        ReloadKind::Signal => {
-            let signal = parse_signal(&c.signal)?;
-            let pidfile = c.pidfile.clone().unwrap_or_default();
-            Ok(Arc::new(move || {
-                let (pool, pidfile) = (pool.clone(), pidfile.clone());
-                Box::pin(async move { send_signal(&pool, &pidfile, signal).await })
-            }))
-        }
-        ReloadKind::Http => {
-            let target = crate::apply::http::HttpTarget::parse(c.url.as_deref().unwrap_or(""))?;
-            let method = c.method.clone();
-            let timeout = Duration::from_secs(c.timeout_secs.max(1));
-            Ok(Arc::new(move || {
-                let (pool, target, method) = (pool.clone(), target.clone(), method.clone());
-                Box::pin(async move {
-                    target
-                        .call(&method, timeout)
-                        .await
-                        .map_err(|error| ReloadError::Http {
-                            pool,
-                            url: target.to_string(),
-                            error,
-                        })
-                })
-            }))
-        }
-        ReloadKind::Command => {
-            let argv = c.command.clone();
-            let timeout = Duration::from_secs(c.timeout_secs.max(1));
-            Ok(Arc::new(move || {
-                let (pool, argv) = (pool.clone(), argv.clone());
-                Box::pin(async move { run_command(&pool, &argv, timeout).await })
-            }))
-        }
-    }
+    Ok(match c.reload_action()? {
+        ReloadAction::Signal { pidfile, signal } => Arc::new(move || {
+            let (pool, pidfile) = (pool.clone(), pidfile.clone());
+            Box::pin(async move { send_signal(&pool, &pidfile, signal).await })
+        }),
+        ReloadAction::Http {
+            target,
+            method,
+            timeout,
+        } => Arc::new(move || {
+            let (pool, target, method) = (pool.clone(), target.clone(), method.clone());
+            Box::pin(async move {
+                target
+                    .call(&method, timeout)
+                    .await
+                    .map_err(|error| ReloadError::Http {
+                        pool,
+                        url: target.to_string(),
+                        error,
+                    })
+            })
+        }),
+        ReloadAction::Command { argv, timeout } => Arc::new(move || {
+            let (pool, argv) = (pool.clone(), argv.clone());
+            Box::pin(async move { run_command(&pool, &argv, timeout).await })
+        }),
+    })
 }
 
 async fn send_signal(
@@ -291,6 +283,7 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ReloadKind;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn counting(times: Arc<std::sync::Mutex<Vec<Instant>>>) -> ReloadFn {
