@@ -1,6 +1,7 @@
 //! Configs the binaries under test start with: the shipped RackTables producer config
 //! pointed at a test's database and topics, and the consumer's `[kafka]` section.
 
+use crate::processes::StandInPool;
 use crate::stack::{Stack, server_id, workspace_root};
 
 /// The shipped RackTables producer config (`deploy/racktables/producer.toml` with its
@@ -50,5 +51,21 @@ pub fn consumer_kafka_section(prefix: &str) -> String {
     format!(
         "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n",
         Stack::get().brokers
+    )
+}
+
+/// A `[pools.NAME]` section that reloads the stand-in `pool` by signal.
+pub fn signal_pool(name: &str, pool: &StandInPool, debounce_ms: u64, max_delay_ms: u64) -> String {
+    format!(
+        "[pools.{name}]\nreload = \"signal\"\npidfile = \"{}\"\ndebounce_ms = {debounce_ms}\nmax_delay_ms = {max_delay_ms}\n",
+        pool.pidfile.display()
+    )
+}
+
+/// A `[caches.NAME]` section on the stack's Redis with key `prefix` and `extra` settings.
+pub fn redis_cache(name: &str, prefix: &str, extra: &str) -> String {
+    format!(
+        "[caches.{name}]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}\"\n{extra}\n",
+        Stack::get().redis_url
     )
 }

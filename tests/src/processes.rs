@@ -369,3 +369,43 @@ pub fn clk_tck() -> f64 {
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
 }
+
+/// A tiny HTTP reload endpoint: answers the first `fail_first` requests with 500, then 204;
+/// returns its URL and the count of requests so far.
+pub fn reload_endpoint(
+    fail_first: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a reload endpoint");
+    let url = format!(
+        "http://{}/reload",
+        listener.local_addr().expect("the endpoint's address")
+    );
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let n = h.fetch_add(1, Ordering::SeqCst);
+            let status = if n < fail_first {
+                "500 Internal Server Error"
+            } else {
+                "204 No Content"
+            };
+            let _ =
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        }
+    });
+    (url, hits)
+}
+
+/// The node started from its committed offsets: no resync of any reason.
+pub fn assert_no_resync(c: &ConsumerProc) {
+    let log = c.proc.log_text();
+    assert!(
+        !log.contains("Resyncing this node"),
+        "the restarted node resynced instead of resuming:\n{log}"
+    );
+}
