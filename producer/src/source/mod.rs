@@ -397,6 +397,9 @@ impl BinlogSource {
                         self.build_index(&mut side, &st.fks, slot, touched).await?;
                         let _ = side.disconnect().await;
                         st.fks_stale = false;
+                        // Time spent reading foreign keys or a snapshot is not the source's
+                        // silence: the read timeout counts from here.
+                        last_received = tokio::time::Instant::now();
                     }
                     if let Some(batch) = batch {
                         st.batches_sent += 1;
