@@ -36,8 +36,9 @@
 //! hands each such decision to the caller, which logs it once and counts it.
 //!
 //! **Memory.** A row costs its stored cells (24 bytes each, plus the heap bytes of strings) in
-//! the row map and its identity cells once more per index over it, plus hash-table slots;
-//! `bytes_estimate` reports the total, logged after each build.
+//! a slab, a 4-byte slot in the table that finds it by identity (hashed in place, not copied),
+//! and a slot number under its value in each foreign key's map; `bytes_estimate` reports the
+//! total, logged after each build.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -117,6 +118,21 @@ impl Cell {
 }
 
 type Row = Box<[Cell]>;
+
+/// A foreign key's value as its maps hold it: each cell folded where `fold` says the column
+/// compares case-insensitively; `None` when a cell is NULL (NULL references no parent row) or
+/// missing.
+fn fk_value<'c>(cells: impl IntoIterator<Item = Option<&'c Cell>>, fold: &[bool]) -> Option<Row> {
+    cells
+        .into_iter()
+        .zip(fold)
+        .map(|(c, &f)| match c? {
+            Cell::Null => None,
+            c if f => Some(c.folded()),
+            c => Some(c.clone()),
+        })
+        .collect()
+}
 
 /// What the database says about a table the index would hold.
 #[derive(Debug, Clone, Default)]
@@ -384,7 +400,6 @@ struct RowStore {
     free: Vec<u32>,
     by_id: HashTable<u32>,
     by_edge: Vec<hashbrown::HashMap<Row, SmallVec<[u32; 2]>>>,
-    len: usize,
     hasher: hashbrown::DefaultHashBuilder,
     disabled: bool,
 }
@@ -398,7 +413,6 @@ impl RowStore {
             slots: Vec::new(),
             free: Vec::new(),
             by_id: HashTable::new(),
-            len: 0,
             hasher: hashbrown::DefaultHashBuilder::default(),
             disabled: false,
         }
@@ -419,14 +433,7 @@ impl RowStore {
     /// parent).
     fn key(&self, edge: usize, row: &[Cell]) -> Option<Row> {
         let (pos, fold) = &self.keys[edge];
-        pos.iter()
-            .zip(fold)
-            .map(|(&p, &f)| match row.get(p)? {
-                Cell::Null => None,
-                c if f => Some(c.folded()),
-                c => Some(c.clone()),
-            })
-            .collect()
+        fk_value(pos.iter().map(|&p| row.get(p)), fold)
     }
 
     /// Insert `row`, replacing the row of the same identity (returned).
@@ -459,7 +466,6 @@ impl RowStore {
                 self.by_edge[e].entry(k).or_default().push(slot);
             }
         }
-        self.len += 1;
         before
     }
 
@@ -478,7 +484,6 @@ impl RowStore {
         let (slot, _) = entry.remove();
         let row = self.slots.get_mut(slot as usize)?.take()?;
         self.free.push(slot);
-        self.len -= 1;
         for e in 0..self.keys.len() {
             if let Some(k) = self.key(e, &row) {
                 let map = &mut self.by_edge[e];
@@ -506,7 +511,11 @@ impl RowStore {
         self.by_edge
             .iter_mut()
             .for_each(|m| *m = hashbrown::HashMap::new());
-        self.len = 0;
+    }
+
+    /// Rows held.
+    fn len(&self) -> usize {
+        self.by_id.len()
     }
 
     fn bytes_estimate(&self) -> usize {
@@ -622,7 +631,7 @@ impl CascadeIndex {
                 RowStore::new(t.identity, keys)
             })
             .collect();
-        let by_name = plan
+        let by_name: HashMap<String, usize> = plan
             .tables
             .iter()
             .enumerate()
@@ -632,7 +641,7 @@ impl CascadeIndex {
         let mut out = vec![Vec::new(); plan.tables.len()];
         for (i, e) in plan.edges.iter().enumerate() {
             from.entry(e.parent.clone()).or_default().push(i);
-            if let Some(p) = plan.tables.iter().position(|t| t.table == e.parent) {
+            if let Some(&p) = by_name.get(&e.parent) {
                 out[p].push(i);
             }
         }
@@ -676,7 +685,7 @@ impl CascadeIndex {
             .tables
             .iter()
             .zip(&self.tables)
-            .map(|(p, t)| (p.table.as_str(), t.len))
+            .map(|(p, t)| (p.table.as_str(), t.len()))
             .collect()
     }
 
@@ -839,7 +848,7 @@ impl CascadeIndex {
     }
 
     fn check_cap(&mut self, t: usize) {
-        if self.tables[t].len > self.max_rows {
+        if self.tables[t].len() > self.max_rows {
             let detail = format!(
                 "more than producer.cascade_index_max_rows = {} rows",
                 self.max_rows
@@ -921,19 +930,13 @@ impl CascadeIndex {
         if action == FkAction::None {
             return;
         }
-        let Some(old) = old else { return };
-        if old.contains(&Cell::Null) {
+        let Some(lookup) = old.and_then(|old| fk_value(old.iter().map(Some), &edge.fold)) else {
             return;
-        }
+        };
         if depth >= MAX_DEPTH {
             self.give_up(out);
             return;
         }
-        let lookup: Row = old
-            .iter()
-            .zip(&edge.fold)
-            .map(|(c, &f)| if f { c.folded() } else { c.clone() })
-            .collect();
         let slots = self.tables[child].lookup(slot, &lookup);
         for s in slots {
             let store = &self.tables[child];
@@ -998,11 +1001,6 @@ impl CascadeIndex {
                 return;
             }
         }
-    }
-
-    /// A table's index in the plan, for the loader.
-    pub fn table_slot(&self, table: &str) -> Option<usize> {
-        self.table_index(table)
     }
 }
 
