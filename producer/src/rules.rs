@@ -570,38 +570,60 @@ pub enum DdlEffect {
     Kept,
 }
 
-/// The effect of DDL `query` (run with default database `schema`) on `database.table`. Table
-/// names are matched as words of the statement, case-insensitively; a statement that names
-/// the table without its database counts only in its own default database. Over-matching is
-/// safe (a flush or an index rebuild too many), under-matching is not.
-pub fn ddl_effect(schema: &str, query: &str, database: &str, table: &str) -> DdlEffect {
-    // Identifiers may be quoted: `rt`.`Port` is rt.port.
-    let q = query.to_ascii_lowercase().replace('`', "");
-    let words: Vec<&str> = q
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$' || c == '.'))
-        .filter(|w| !w.is_empty())
-        .collect();
-    let (db, name) = (database.to_ascii_lowercase(), table.to_ascii_lowercase());
-    let qualified = format!("{db}.{name}");
-    let in_schema = schema.eq_ignore_ascii_case(database);
-    let names_table = words
-        .iter()
-        .any(|w| *w == qualified || (in_schema && *w == name));
-    let verb = words.first().copied().unwrap_or_default();
-    let has = |w: &str| words.contains(&w);
-    match verb {
-        "drop" if (has("database") || has("schema")) && words.contains(&db.as_str()) => {
-            DdlEffect::Emptied
+/// A DDL statement as read from the binlog, split into words once: what it does to each
+/// table is asked per table ([`Ddl::effect`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ddl {
+    /// The statement's default database.
+    pub schema: String,
+    /// The statement as the binlog carries it.
+    pub query: String,
+    /// Its words, lowercased, identifiers unquoted (`rt`.`Port` is `rt.port`).
+    words: Vec<String>,
+}
+
+impl Ddl {
+    pub fn parse(schema: &str, query: &str) -> Ddl {
+        let words = query
+            .to_ascii_lowercase()
+            .replace('`', "")
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$' || c == '.'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Ddl {
+            schema: schema.to_owned(),
+            query: query.to_owned(),
+            words,
         }
-        "truncate" | "drop" if names_table => DdlEffect::Emptied,
-        "alter" if names_table && has("partition") && (has("truncate") || has("drop")) => {
-            DdlEffect::Emptied
+    }
+
+    /// The effect of the statement on `database.table`. Table names are matched as words of
+    /// the statement, case-insensitively; a statement that names the table without its
+    /// database counts only in its own default database. Over-matching is safe (a flush or an
+    /// index rebuild too many), under-matching is not.
+    pub fn effect(&self, database: &str, table: &str) -> DdlEffect {
+        let words = &self.words;
+        let (db, name) = (database.to_ascii_lowercase(), table.to_ascii_lowercase());
+        let qualified = format!("{db}.{name}");
+        let in_schema = self.schema.eq_ignore_ascii_case(database);
+        let names_table = words
+            .iter()
+            .any(|w| *w == qualified || (in_schema && *w == name));
+        let verb = words.first().map_or("", String::as_str);
+        let has = |w: &str| words.iter().any(|x| x == w);
+        match verb {
+            "drop" if (has("database") || has("schema")) && has(&db) => DdlEffect::Emptied,
+            "truncate" | "drop" if names_table => DdlEffect::Emptied,
+            "alter" if names_table && has("partition") && (has("truncate") || has("drop")) => {
+                DdlEffect::Emptied
+            }
+            "rename" if names_table => DdlEffect::Moved,
+            "alter" if names_table && (has("tablespace") || has("partition") || has("rename")) => {
+                DdlEffect::Moved
+            }
+            _ => DdlEffect::Kept,
         }
-        "rename" if names_table => DdlEffect::Moved,
-        "alter" if names_table && (has("tablespace") || has("partition") || has("rename")) => {
-            DdlEffect::Moved
-        }
-        _ => DdlEffect::Kept,
     }
 }
 
@@ -676,7 +698,7 @@ mod tests {
     #[test]
     fn ddl_effects_on_a_table() {
         use DdlEffect::{Emptied, Kept, Moved};
-        let e = |schema, q| ddl_effect(schema, q, "rt", "Port");
+        let e = |schema, q| Ddl::parse(schema, q).effect("rt", "Port");
         assert_eq!(e("rt", "TRUNCATE TABLE Port"), Emptied);
         assert_eq!(e("other", "TRUNCATE `rt`.`Port`"), Emptied);
         assert_eq!(

@@ -29,7 +29,7 @@ use crate::error::SourceError;
 use crate::metrics::{Metrics, ReasonLabel, TableOpLabels};
 use crate::position::Position;
 use crate::publish::Batch;
-use crate::rules::{DdlEffect, Intent, Rule, TableRules, ddl_effect};
+use crate::rules::{Ddl, DdlEffect, Intent, Rule, TableRules};
 
 /// MariaDB event types that mysql_common does not decode.
 const MARIADB_ANNOTATE_ROWS: u8 = 160;
@@ -67,8 +67,8 @@ pub(crate) struct Events<'a> {
     pub(crate) fks: BTreeMap<String, Vec<CascadeChain>>,
     /// A DDL statement passed: foreign keys must be read again before the next table map.
     pub(crate) fks_stale: bool,
-    /// The last DDL statement: (default database, query).
-    pub(crate) last_ddl: Option<(String, String)>,
+    /// The last DDL statement.
+    pub(crate) last_ddl: Option<Ddl>,
     /// Since the last progress line: rows of watched tables, batches sent.
     pub(crate) rows_seen: u64,
     pub(crate) batches_sent: u64,
@@ -264,8 +264,9 @@ impl<'a> Events<'a> {
             self.tables.clear();
             self.fks_stale = true;
             let was_empty = self.batcher.is_empty();
-            self.emptied_by_ddl(schema, trimmed);
-            self.last_ddl = Some((schema.to_owned(), trimmed.to_owned()));
+            let ddl = Ddl::parse(schema, trimmed);
+            self.emptied_by_ddl(&ddl);
+            self.last_ddl = Some(ddl);
             if self.standalone || was_empty {
                 return self.commit(slot, log_pos, timestamp);
             }
@@ -276,10 +277,10 @@ impl<'a> Events<'a> {
     /// DDL that removes a watched table's rows without row events (`TRUNCATE`, `DROP`): the
     /// widest safe action for each of its rules — flush the cache (reason `table_emptied`),
     /// reset the pools — in the statement's own transaction, with one log line.
-    fn emptied_by_ddl(&mut self, schema: &str, query: &str) {
+    fn emptied_by_ddl(&mut self, ddl: &Ddl) {
         let mut emptied = BTreeSet::new();
         for rule in self.rules {
-            if ddl_effect(schema, query, &rule.database, &rule.table) != DdlEffect::Emptied {
+            if ddl.effect(&rule.database, &rule.table) != DdlEffect::Emptied {
                 continue;
             }
             let table: Arc<str> = Arc::from(rule.qualified_table());
@@ -298,7 +299,7 @@ impl<'a> Events<'a> {
         }
         if !emptied.is_empty() {
             let tables: Vec<&str> = emptied.iter().map(|t| &**t).collect();
-            warn!(tables = %tables.join(", "), query = %query.chars().take(200).collect::<String>(), "DDL removed the rows of watched tables without row events: flushing their caches and resetting their pools.");
+            warn!(tables = %tables.join(", "), query = %ddl.query.chars().take(200).collect::<String>(), "DDL removed the rows of watched tables without row events: flushing their caches and resetting their pools.");
         }
     }
 
@@ -590,8 +591,10 @@ mod tests {
             "table ids may change: compiled again"
         );
         assert_eq!(
-            ev.last_ddl,
-            Some(("rt".into(), "TRUNCATE TABLE Port".into()))
+            ev.last_ddl
+                .as_ref()
+                .map(|d| (d.schema.as_str(), d.query.as_str())),
+            Some(("rt", "TRUNCATE TABLE Port"))
         );
         // DDL that keeps the rows is only a boundary.
         ev.gtid("0-1-10".into(), true);

@@ -15,7 +15,7 @@ use crate::cascade_index::{self, CascadeIndex};
 use crate::error::{SourceError, is_privilege_error};
 use crate::metrics::{TableLabel, TableReasonLabels};
 use crate::position::binlog_order;
-use crate::rules::{DdlEffect, ddl_effect};
+use crate::rules::{Ddl, DdlEffect};
 
 /// The cascade index ([`crate::cascade_index`]) across reconnects, and from where on it is
 /// complete.
@@ -50,15 +50,14 @@ impl IndexSlot {
         self.live && self.index.as_ref().is_some_and(|i| i.covers(table))
     }
 
-    /// Does DDL `query` (default database `schema`) change the rows of an indexed table without
-    /// row events ([`ddl_effect`]: `TRUNCATE`, `DROP`, `RENAME`, a swapped tablespace or
-    /// partition)? Other schema changes keep the rows; a changed column set or type changes
-    /// the plan, which rebuilds anyway.
-    pub(crate) fn touched_by(&self, schema: &str, query: &str) -> bool {
+    /// Does `ddl` change the rows of an indexed table without row events ([`Ddl::effect`]:
+    /// `TRUNCATE`, `DROP`, `RENAME`, a swapped tablespace or partition)? Other schema changes
+    /// keep the rows; a changed column set or type changes the plan, which rebuilds anyway.
+    pub(crate) fn touched_by(&self, ddl: &Ddl) -> bool {
         self.index.as_ref().is_some_and(|ix| {
             ix.plan().tables.iter().any(|t| {
                 let (db, name) = t.table.split_once('.').unwrap_or(("", &t.table));
-                ddl_effect(schema, query, db, name) != DdlEffect::Kept
+                ddl.effect(db, name) != DdlEffect::Kept
             })
         })
     }

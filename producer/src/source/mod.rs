@@ -274,11 +274,11 @@ impl BinlogSource {
     ) -> Result<(), SourceError> {
         let mut conn = self.connect().await?;
         let fks = load_cascades(&mut conn, &self.rules).await?;
-        match slot.index.as_mut() {
+        if !slot.built {
+            self.build_index(&mut conn, &fks, slot, true).await?;
+        } else if let Some(index) = slot.index.as_mut() {
             // A reconnect: the stream re-reads the unfinished transaction from its start.
-            Some(index) if slot.built => index.rollback(),
-            _ if slot.built => {}
-            _ => self.build_index(&mut conn, &fks, slot, true).await?,
+            index.rollback();
         }
         let hb_ns = self.config.source.binlog_heartbeat_secs.max(1) * 1_000_000_000;
         conn.query_drop(format!("SET @master_heartbeat_period = {hb_ns}"))
@@ -393,7 +393,7 @@ impl BinlogSource {
                         let touched = st
                             .last_ddl
                             .take()
-                            .is_some_and(|(schema, q)| slot.touched_by(&schema, &q));
+                            .is_some_and(|ddl| slot.touched_by(&ddl));
                         self.build_index(&mut side, &st.fks, slot, touched).await?;
                         let _ = side.disconnect().await;
                         st.fks_stale = false;
