@@ -31,7 +31,6 @@ use rtinval_schemas::position::{FilePos, GtidState, Reached, WaitFor};
 
 use crate::config::Config;
 use crate::replay::{Decoder, reader_config};
-use crate::subscribe::topics;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -115,7 +114,7 @@ impl ClusterWatch {
         let decoder = Decoder::new(config)?;
         let mut partitions = Vec::new();
         let mut assign = TopicPartitionList::new();
-        for topic in topics(&config.kafka.topic_prefix) {
+        for topic in rtinval_schemas::topics::events(&config.kafka.topic_prefix) {
             let md = reader
                 .fetch_metadata(Some(&topic), TIMEOUT)
                 .map_err(|e| format!("{topic}: {e}"))?;

@@ -37,11 +37,6 @@ use rtinval_schemas::kafka::KafkaContext;
 const MAX_PENDING: usize = 10_000;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The two event topics for a prefix.
-pub fn topics(prefix: &str) -> Vec<String> {
-    rtinval_schemas::topics::events(prefix)
-}
-
 /// Build the Kafka consumer of this node (its context turns librdkafka's errors into warnings,
 /// a metric and the readiness reason).
 pub fn consumer(
@@ -194,7 +189,7 @@ impl Subscriber {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<Option<TopicPartitionList>, ConsumerError> {
-        let names = topics(&self.config.kafka.topic_prefix);
+        let names = rtinval_schemas::topics::events(&self.config.kafka.topic_prefix);
         let mut warned = false;
         loop {
             let mut tpl = TopicPartitionList::new();

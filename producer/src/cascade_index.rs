@@ -1128,7 +1128,7 @@ pub async fn load(
         let Some((db, name)) = plan.table.split_once('.') else {
             continue;
         };
-        let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
+        let quote = crate::server::quote_ident;
         let cols: Vec<String> = plan.columns.iter().map(|c| quote(c)).collect();
         let sql = format!(
             "SELECT {} FROM {}.{}",

@@ -18,6 +18,11 @@ use crate::rules::Rule;
 /// Server error "table doesn't exist".
 const ER_NO_SUCH_TABLE: u16 = 1146;
 
+/// An identifier quoted for SQL: `` `name` ``, backticks doubled.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
 /// What the server is, as far as the producer cares.
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
@@ -173,9 +178,9 @@ pub async fn load_cascades(
         };
         let ddl: Option<(String, String)> = match conn
             .query_first(format!(
-                "SHOW CREATE TABLE `{}`.`{}`",
-                db.replace('`', "``"),
-                name.replace('`', "``")
+                "SHOW CREATE TABLE {}.{}",
+                quote_ident(db),
+                quote_ident(name)
             ))
             .await
         {
