@@ -198,14 +198,56 @@ impl CacheConfig {
         })
     }
 
-    /// The memcached address in the form the client takes (`tcp://host:port`, `unix://path`).
-    pub fn memcached_addr(&self) -> String {
-        match self.url.strip_prefix("memcached://") {
-            Some(rest) => format!("tcp://{rest}"),
-            None if self.url.contains("://") => self.url.clone(),
-            None => format!("tcp://{}", self.url),
+    /// Where this cache lives, parsed from `url` (the one place it is parsed: validation,
+    /// the purger and the inspector all take this). `Err` says what the URL must look like.
+    pub fn endpoint(&self) -> Result<CacheEndpoint, String> {
+        match self.kind {
+            CacheKind::Redis => redis::IntoConnectionInfo::into_connection_info(self.url.as_str())
+                .map(|info| CacheEndpoint::Redis {
+                    info: Box::new(info),
+                    shown: redact_url(&self.url),
+                })
+                .map_err(|_| {
+                    format!(
+                        "url {:?} is not a redis:// URL (redis://[:password@]host:port[/db] or unix:///path)",
+                        redact_url(&self.url)
+                    )
+                }),
+            CacheKind::Memcached => {
+                let addr = match self.url.strip_prefix("memcached://") {
+                    Some(rest) => format!("tcp://{rest}"),
+                    None if self.url.contains("://") => self.url.clone(),
+                    None => format!("tcp://{}", self.url),
+                };
+                let ok = addr.starts_with("unix://")
+                    || addr
+                        .strip_prefix("tcp://")
+                        .and_then(|a| a.rsplit_once(':'))
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if ok {
+                    Ok(CacheEndpoint::Memcached { addr })
+                } else {
+                    Err(format!(
+                        "url {:?} is not memcached://host:port, host:port or unix:///path",
+                        self.url
+                    ))
+                }
+            }
         }
     }
+}
+
+/// A cache server's address, parsed from a cache's `url` ([`CacheConfig::endpoint`]).
+#[derive(Debug, Clone)]
+pub enum CacheEndpoint {
+    /// Redis, as the redis crate's connection info; `shown` is the URL with its password
+    /// replaced, for logs and errors.
+    Redis {
+        info: Box<redis::ConnectionInfo>,
+        shown: String,
+    },
+    /// memcached, in the form its client takes: `tcp://host:port` or `unix://path`.
+    Memcached { addr: String },
 }
 
 /// Cache kinds.
@@ -337,25 +379,8 @@ impl Config {
                 }
                 _ => {}
             }
-            if c.kind == CacheKind::Redis && redis::Client::open(c.url.as_str()).is_err() {
-                return invalid(format!(
-                    "caches.{name}: url {:?} is not a redis:// URL",
-                    redact_url(&c.url)
-                ));
-            }
-            if c.kind == CacheKind::Memcached {
-                let addr = c.memcached_addr();
-                let ok = addr.starts_with("unix://")
-                    || addr
-                        .strip_prefix("tcp://")
-                        .and_then(|a| a.rsplit_once(':'))
-                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-                if !ok {
-                    return invalid(format!(
-                        "caches.{name}: url {:?} is not memcached://host:port, host:port or unix:///path",
-                        c.url
-                    ));
-                }
+            if let Err(e) = c.endpoint() {
+                return invalid(format!("caches.{name}: {e}"));
             }
             if c.fill_protocol && c.tombstone_ttl_ms < 1000 {
                 return invalid(format!(
@@ -594,7 +619,10 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.caches["m"].flush_mode(), FlushMode::FlushAll);
-        assert_eq!(c.caches["m"].memcached_addr(), "tcp://127.0.0.1:11211");
+        let CacheEndpoint::Memcached { addr } = c.caches["m"].endpoint().unwrap() else {
+            panic!("a memcached cache has a memcached endpoint")
+        };
+        assert_eq!(addr, "tcp://127.0.0.1:11211");
         let e = check(&format!(
             "{BASE}[caches.m]\nkind = \"memcached\"\nurl = \"h:1\"\nflush = \"prefix\"\n"
         ))

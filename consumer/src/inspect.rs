@@ -29,7 +29,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{CacheKind, Config};
+use crate::config::{CacheEndpoint, Config};
 use crate::metrics::{InspectLabel, Metrics};
 use crate::replay::{self, Selection};
 
@@ -181,17 +181,17 @@ pub async fn run(
             info!(cache = %name, "Not inspected: the cache does not use the fill protocol (fill_protocol = true), so its values carry no positions.");
             continue;
         }
-        let reader = match c.kind {
-            CacheKind::Redis => {
-                let client = redis::Client::open(c.url.as_str()).map_err(|e| e.to_string())?;
+        let reader = match c.endpoint().map_err(|e| format!("cache {name}: {e}"))? {
+            CacheEndpoint::Redis { info, .. } => {
+                let client = redis::Client::open(*info).map_err(|e| e.to_string())?;
                 let conn = client
                     .get_multiplexed_async_connection()
                     .await
                     .map_err(|e| format!("cache {name}: {e}"))?;
                 Reader::Redis(conn, c.prefix.clone())
             }
-            CacheKind::Memcached => Reader::Memcached(
-                rtinval_client::memcached::Memcached::new(&c.memcached_addr()),
+            CacheEndpoint::Memcached { addr } => Reader::Memcached(
+                rtinval_client::memcached::Memcached::new(&addr),
                 c.prefix.clone(),
             ),
         };

@@ -9,6 +9,7 @@ pub mod memcached;
 pub mod pool;
 pub mod redis;
 
+use rtinval_schemas::runtime::chain;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use futures::future::{BoxFuture, FutureExt, join_all};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::config::CacheEndpoint;
 use crate::metrics::Metrics;
 use crate::plan::{Action, Inventory};
 
@@ -117,18 +119,17 @@ impl Cache {
         config: &crate::config::CacheConfig,
         metrics: &Metrics,
     ) -> Result<Cache, crate::error::CacheError> {
-        let backend = match config.kind {
-            crate::config::CacheKind::Redis => {
-                Backend::Redis(redis::RedisCache::connect(name, config, metrics).await?)
-            }
-            crate::config::CacheKind::Memcached => Backend::Memcached(
-                memcached::MemcachedCache::connect(
-                    name,
-                    &config.memcached_addr(),
-                    &config.prefix,
-                    metrics,
-                )
-                .await?,
+        let endpoint = config.endpoint().map_err(|e| crate::error::CacheError {
+            cache: name.to_owned(),
+            url: rtinval_schemas::config_file::redact_url(&config.url),
+            error: e.into(),
+        })?;
+        let backend = match endpoint {
+            CacheEndpoint::Redis { info, shown } => Backend::Redis(
+                redis::RedisCache::connect(name, *info, shown, config, metrics).await?,
+            ),
+            CacheEndpoint::Memcached { addr } => Backend::Memcached(
+                memcached::MemcachedCache::connect(name, &addr, &config.prefix, metrics).await?,
             ),
         };
         let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
@@ -173,7 +174,7 @@ impl Cache {
                 Ok(()) => {}
                 Err(e) if !failing => {
                     failing = true;
-                    warn!(cache = %name, error = %e, "Cannot check the cache server's identity; retrying.");
+                    warn!(cache = %name, error = %chain(&e), "Cannot check the cache server's identity; retrying.");
                 }
                 Err(_) => {}
             }
@@ -332,7 +333,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) => {
                 metrics.cache_failed(cache);
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Cache operation failed, retrying.");
+                warn!(error = %chain(&e), retry_in_ms = backoff.as_millis() as u64, "Cache operation failed, retrying.");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(Interrupted),
                     _ = tokio::time::sleep(backoff) => {}

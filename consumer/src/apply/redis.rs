@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 use rtinval_client::protocol;
 
 use super::identity::{Identity, Watch};
-use crate::config::{CacheConfig, FlushMode, redact_url};
+use crate::config::{CacheConfig, FlushMode};
 use crate::error::CacheError;
 use crate::metrics::Metrics;
 
@@ -46,16 +46,17 @@ impl RedisCache {
     /// Connect (fails fast with a clear error when Redis is unreachable at start).
     pub async fn connect(
         name: &str,
+        info: redis::ConnectionInfo,
+        url: String,
         config: &CacheConfig,
         metrics: &Metrics,
     ) -> Result<RedisCache, CacheError> {
-        let url = redact_url(&config.url);
         let err = |e: redis::RedisError| CacheError {
             cache: name.to_owned(),
             url: url.clone(),
-            error: e.to_string(),
+            error: Box::new(e),
         };
-        let client = redis::Client::open(config.url.as_str()).map_err(err)?;
+        let client = redis::Client::open(info).map_err(err)?;
         let conn = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             ConnectionManager::new(client),
@@ -120,7 +121,7 @@ impl RedisCache {
         CacheError {
             cache: self.name.clone(),
             url: self.url.clone(),
-            error: e.to_owned(),
+            error: e.into(),
         }
     }
 
@@ -128,7 +129,7 @@ impl RedisCache {
         CacheError {
             cache: self.name.clone(),
             url: self.url.clone(),
-            error: e.to_string(),
+            error: Box::new(e),
         }
     }
 
