@@ -39,6 +39,7 @@ pub mod plan;
 pub mod replay;
 pub mod subscribe;
 
+use rtinval_schemas::runtime::chain;
 use std::collections::BTreeMap;
 
 use tokio_util::sync::CancellationToken;
@@ -223,8 +224,8 @@ async fn connect_retrying(
             Err(e) => {
                 failed = true;
                 metrics.cache_failed(name);
-                metrics.set_problem(Some(format!("{e}; retrying")));
-                warn!(cache = %name, error = %e, retry_in_secs = backoff.as_secs(), "Cache unreachable at start; retrying (the node stays not ready).");
+                metrics.set_problem(Some(format!("{}; retrying", chain(&e))));
+                warn!(cache = %name, error = %chain(&e), retry_in_secs = backoff.as_secs(), "Cache unreachable at start; retrying (the node stays not ready).");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(backoff) => {}
@@ -238,7 +239,7 @@ async fn connect_retrying(
             match cache.flush().await {
                 Ok(()) => break,
                 Err(e) => {
-                    warn!(cache = %name, error = %e, "Cannot flush the cache that was unreachable at start; retrying.");
+                    warn!(cache = %name, error = %chain(&e), "Cannot flush the cache that was unreachable at start; retrying.");
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(backoff) => {}

@@ -1,5 +1,6 @@
 //! `rtinval-consumer`: command line, config, telemetry and wiring only.
 
+use rtinval_schemas::runtime::chain;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -235,13 +236,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                error!(error = %e, "Consumer failed.");
+                error!(error = %chain(&e), "Consumer failed.");
                 match e {
                     // A key of the config file: name the file too.
                     rtinval_consumer::error::ConsumerError::Http { .. } => {
-                        eprintln!("rtinval-consumer: {}: {e}", cli.config.display());
+                        eprintln!("rtinval-consumer: {}: {}", cli.config.display(), chain(&e));
                     }
-                    _ => eprintln!("rtinval-consumer: {e}"),
+                    _ => eprintln!("rtinval-consumer: {}", chain(&e)),
                 }
                 ExitCode::FAILURE
             }

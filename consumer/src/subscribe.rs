@@ -67,7 +67,7 @@ pub fn consumer(
     c.create_with_context(KafkaContext::new(&config.kafka.brokers, on_error))
         .map_err(|e| ConsumerError::Kafka {
             brokers: config.kafka.brokers.clone(),
-            error: e.to_string(),
+            error: e,
         })
 }
 
@@ -201,7 +201,7 @@ impl Subscriber {
                     .fetch_metadata(Some(name), Duration::from_secs(5))
                     .map_err(|e| ConsumerError::Kafka {
                         brokers: self.config.kafka.brokers.clone(),
-                        error: e.to_string(),
+                        error: e,
                     })?;
                 match md.topics().iter().find(|t| t.name() == name) {
                     Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
@@ -233,7 +233,7 @@ impl Subscriber {
     ) -> Result<TopicPartitionList, ConsumerError> {
         let kafka_err = |e: rdkafka::error::KafkaError| ConsumerError::Kafka {
             brokers: self.config.kafka.brokers.clone(),
-            error: e.to_string(),
+            error: e,
         };
         let committed = self
             .consumer
@@ -309,7 +309,7 @@ impl Subscriber {
     ) -> Result<(), ConsumerError> {
         let kafka_err = |e: rdkafka::error::KafkaError| ConsumerError::Kafka {
             brokers: self.config.kafka.brokers.clone(),
-            error: e.to_string(),
+            error: e,
         };
         let mut high = TopicPartitionList::new();
         for e in all.elements() {
@@ -343,9 +343,8 @@ impl Subscriber {
         self.barrier.set_resyncing(true);
         let applied = self.applier.apply(actions).await;
         self.barrier.set_resyncing(false);
-        applied.map_err(|_| ConsumerError::Kafka {
-            brokers: self.config.kafka.brokers.clone(),
-            error: "interrupted during the initial resync".into(),
+        applied.map_err(|_| ConsumerError::Stopped {
+            during: "the initial resync",
         })
     }
 
@@ -402,7 +401,7 @@ impl Subscriber {
             .assign(&start)
             .map_err(|e| ConsumerError::Kafka {
                 brokers: self.config.kafka.brokers.clone(),
-                error: e.to_string(),
+                error: e,
             })?;
         self.metrics.set_assigned(true);
         info!(group = %self.config.group_id(), partitions = start.count(), "Consuming.");
@@ -638,34 +637,31 @@ pub async fn dead_letter(
     shutdown: &CancellationToken,
 ) -> Result<DeadLetter, ConsumerError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let err = |e: String| ConsumerError::Kafka {
+    let err = |error| ConsumerError::Kafka {
         brokers: config.kafka.brokers.clone(),
-        error: e,
+        error,
     };
     let mut c =
         rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[]);
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        c.create().map_err(|e| err(e.to_string()))?;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = c.create().map_err(err)?;
     let results = admin
         .create_topics(
             &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
             &AdminOptions::new(),
         )
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     for r in results {
         match r {
             Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(err(format!("cannot create dead-letter topic {t}: {code}")));
-            }
+            Err((topic, error)) => return Err(ConsumerError::DeadLetterTopic { topic, error }),
         }
     }
     let producer = c
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     Ok(DeadLetter {
         producer,
         topic: topic.to_owned(),

@@ -34,34 +34,34 @@ struct Stored {
 
 /// Read the last checkpoint written under `key`, if any.
 pub fn load(kafka: &KafkaConfig, topic: &str, key: &str) -> Result<Option<Position>, KafkaError> {
-    let err = |e: String| KafkaError::ReadCheckpoint {
+    let err = |error| KafkaError::ReadCheckpoint {
         topic: topic.to_owned(),
-        error: e,
+        error,
     };
     let consumer: BaseConsumer = client_config(kafka)
         .set("group.id", format!("rtinval-checkpoint-reader-{key}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, Duration::from_secs(30))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     if high <= low {
         return Ok(None);
     }
     // Recent records first: a compacted (or young) topic finds it in the tail.
     let mut start = (high - 1000).max(low);
     loop {
-        let found = scan(&consumer, topic, key, start, high).map_err(err)?;
+        let found = scan(&consumer, topic, key, start, high)?;
         if found.is_some() || start == low {
             return found
                 .map(|bytes| {
                     serde_json::from_slice::<Stored>(&bytes)
                         .map(|s| s.position)
-                        .map_err(|e| KafkaError::BadCheckpoint {
+                        .map_err(|error| KafkaError::BadCheckpoint {
                             topic: topic.to_owned(),
-                            error: e.to_string(),
+                            error,
                         })
                 })
                 .transpose();
@@ -76,21 +76,29 @@ fn scan(
     key: &str,
     start: i64,
     high: i64,
-) -> Result<Option<Vec<u8>>, String> {
+) -> Result<Option<Vec<u8>>, KafkaError> {
+    let err = |error| KafkaError::ReadCheckpoint {
+        topic: topic.to_owned(),
+        error,
+    };
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(start))
-        .map_err(|e| e.to_string())?;
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        .map_err(err)?;
+    consumer.assign(&tpl).map_err(err)?;
     let mut last = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if std::time::Instant::now() > deadline {
-            return Err(format!("timed out reading offsets {start}..{high}"));
+            return Err(KafkaError::CheckpointTimeout {
+                topic: topic.to_owned(),
+                start,
+                high,
+            });
         }
         match consumer.poll(Duration::from_millis(500)) {
             None => continue,
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(last),
-            Some(Err(e)) => return Err(e.to_string()),
+            Some(Err(e)) => return Err(err(e)),
             Some(Ok(m)) => {
                 if m.key() == Some(key.as_bytes()) {
                     last = m.payload().map(<[u8]>::to_vec);
@@ -158,13 +166,12 @@ impl Checkpointer {
                 Ok(Err((e, _))) => {
                     return Err(KafkaError::Delivery {
                         position: position.to_string(),
-                        error: e.to_string(),
+                        error: e,
                     });
                 }
                 Err(_) => {
-                    return Err(KafkaError::Delivery {
+                    return Err(KafkaError::DeliveryReportLost {
                         position: position.to_string(),
-                        error: "delivery report lost (producer closed)".into(),
                     });
                 }
             }
@@ -180,10 +187,11 @@ impl Checkpointer {
             position: position.clone(),
             updated_at: crate::now_ms(),
         };
-        let payload = serde_json::to_vec(&stored).map_err(|e| KafkaError::Delivery {
-            position: position.to_string(),
-            error: e.to_string(),
-        })?;
+        let payload =
+            serde_json::to_vec(&stored).map_err(|error| KafkaError::EncodeCheckpoint {
+                position: position.to_string(),
+                error,
+            })?;
         let record = FutureRecord::to(&self.topic)
             .key(&self.key)
             .payload(&payload)
@@ -191,9 +199,9 @@ impl Checkpointer {
         self.producer
             .send(record, Duration::from_secs(300))
             .await
-            .map_err(|(e, _)| KafkaError::Delivery {
+            .map_err(|(error, _)| KafkaError::Delivery {
                 position: position.to_string(),
-                error: e.to_string(),
+                error,
             })?;
         self.metrics.checkpoint_written();
         debug!(%position, "Checkpoint written.");

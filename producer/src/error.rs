@@ -110,16 +110,54 @@ pub enum KafkaError {
         #[source]
         error: rdkafka::error::KafkaError,
     },
-    #[error("cannot create topic {topic}: {error}")]
-    CreateTopic { topic: String, error: String },
-    #[error("cannot read metadata of topic {topic}: {error}")]
-    Metadata { topic: String, error: String },
-    #[error("Kafka did not acknowledge an event for {position} after all retries: {error}")]
-    Delivery { position: String, error: String },
-    #[error("cannot read the checkpoint from {topic}: {error}")]
-    ReadCheckpoint { topic: String, error: String },
-    #[error("the checkpoint in {topic} is not valid JSON: {error}")]
-    BadCheckpoint { topic: String, error: String },
+    #[error("the broker refused to create topic {topic}")]
+    CreateTopic {
+        topic: String,
+        #[source]
+        error: rdkafka::types::RDKafkaErrorCode,
+    },
+    #[error("cannot read metadata of topic {topic}")]
+    Metadata {
+        topic: String,
+        #[source]
+        error: rdkafka::error::KafkaError,
+    },
+    #[error("topic {topic} is not in the broker's metadata")]
+    TopicMissing { topic: String },
+    #[error("the broker reports topic {topic} unusable: {code}")]
+    TopicUnusable { topic: String, code: String },
+    #[error("Kafka did not acknowledge an event for {position} after all retries")]
+    Delivery {
+        position: String,
+        #[source]
+        error: rdkafka::error::KafkaError,
+    },
+    #[error("the delivery report for {position} was lost (the Kafka producer closed)")]
+    DeliveryReportLost { position: String },
+    #[error("cannot read the checkpoint from {topic}")]
+    ReadCheckpoint {
+        topic: String,
+        #[source]
+        error: rdkafka::error::KafkaError,
+    },
+    #[error("timed out reading the checkpoint from {topic} (offsets {start}..{high})")]
+    CheckpointTimeout {
+        topic: String,
+        start: i64,
+        high: i64,
+    },
+    #[error("cannot encode the checkpoint for {position}")]
+    EncodeCheckpoint {
+        position: String,
+        #[source]
+        error: serde_json::Error,
+    },
+    #[error("the checkpoint in {topic} is not valid JSON")]
+    BadCheckpoint {
+        topic: String,
+        #[source]
+        error: serde_json::Error,
+    },
     #[error(
         "schema registry: {0}; check [schema_registry] (url, username/password, ca_file) and that the registry is up"
     )]

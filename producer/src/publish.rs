@@ -142,10 +142,7 @@ pub async fn ensure_topics(
                         }
                         Err((_, code)) if transient(code) => retry = Some(code.to_string()),
                         Err((topic, code)) => {
-                            return Err(KafkaError::CreateTopic {
-                                topic,
-                                error: code.to_string(),
-                            });
+                            return Err(KafkaError::CreateTopic { topic, error: code });
                         }
                     }
                 }
@@ -200,22 +197,21 @@ pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, Ka
     let md = producer
         .client()
         .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(|e| KafkaError::Metadata {
+        .map_err(|error| KafkaError::Metadata {
             topic: topic.to_owned(),
-            error: e.to_string(),
+            error,
         })?;
     let t = md
         .topics()
         .iter()
         .find(|t| t.name() == topic)
-        .ok_or_else(|| KafkaError::Metadata {
+        .ok_or_else(|| KafkaError::TopicMissing {
             topic: topic.to_owned(),
-            error: "not found".into(),
         })?;
     if let Some(e) = t.error() {
-        return Err(KafkaError::Metadata {
+        return Err(KafkaError::TopicUnusable {
             topic: topic.to_owned(),
-            error: format!("{e:?}"),
+            code: format!("{e:?}"),
         });
     }
     Ok(t.partitions().len().max(1) as i32)
@@ -382,7 +378,7 @@ impl Publisher {
                     warn!(%topic, error = %e, id = %event.id, "Kafka refused an event.");
                     return Err(KafkaError::Delivery {
                         position: event.id.clone(),
-                        error: e.to_string(),
+                        error: e,
                     });
                 }
             }

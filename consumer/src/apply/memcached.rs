@@ -87,11 +87,11 @@ impl MemcachedCache {
         Ok(())
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> CacheError {
+    fn err(&self, e: impl Into<crate::error::Cause>) -> CacheError {
         CacheError {
             cache: self.name.clone(),
             url: self.addr.clone(),
-            error: e.to_string(),
+            error: e.into(),
         }
     }
 

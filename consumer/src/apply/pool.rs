@@ -6,6 +6,7 @@
 //! *started after it* and succeeded; failures are retried with backoff, so a request's future
 //! resolving means the pool really dropped its state.
 
+use rtinval_schemas::runtime::chain;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,7 +64,7 @@ pub fn reloader(name: &str, c: &PoolConfig) -> Result<ReloadFn, String> {
                     .map_err(|error| ReloadError::Http {
                         pool,
                         url: target.to_string(),
-                        error,
+                        error: error.into(),
                     })
             })
         }),
@@ -84,18 +85,18 @@ async fn send_signal(
         .map_err(|e| ReloadError::Pidfile {
             pool: pool.to_owned(),
             path: pidfile.to_owned(),
-            error: e.to_string(),
+            error: Box::new(e),
         })?;
     let pid: i32 = text.trim().parse().map_err(|_| ReloadError::Pidfile {
         pool: pool.to_owned(),
         path: pidfile.to_owned(),
-        error: format!("not a PID: {:?}", text.trim()),
+        error: format!("not a PID: {:?}", text.trim()).into(),
     })?;
     if pid <= 1 {
         return Err(ReloadError::Pidfile {
             pool: pool.to_owned(),
             path: pidfile.to_owned(),
-            error: format!("refusing to signal pid {pid}"),
+            error: format!("refusing to signal pid {pid}").into(),
         });
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| {
@@ -103,13 +104,13 @@ async fn send_signal(
             pool: pool.to_owned(),
             signal: signal.to_string(),
             pid,
-            error: e.to_string(),
+            error: Box::new(e),
         }
     })
 }
 
 async fn run_command(pool: &str, argv: &[String], timeout: Duration) -> Result<(), ReloadError> {
-    let err = |error: String| ReloadError::Command {
+    let err = |error: crate::error::Cause| ReloadError::Command {
         pool: pool.to_owned(),
         command: argv.join(" "),
         error,
@@ -122,15 +123,16 @@ async fn run_command(pool: &str, argv: &[String], timeout: Duration) -> Result<(
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(Box::new(e)))?;
     match tokio::time::timeout(timeout, child.wait()).await {
         Err(_) => Err(err(format!(
             "timed out after {} s (killed)",
             timeout.as_secs()
-        ))),
-        Ok(Err(e)) => Err(err(e.to_string())),
+        )
+        .into())),
+        Ok(Err(e)) => Err(err(Box::new(e))),
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(err(format!("exited with {status}"))),
+        Ok(Ok(status)) => Err(err(format!("exited with {status}").into())),
     }
 }
 
@@ -266,7 +268,7 @@ async fn run(
                 }
                 Err(e) => {
                     metrics.pool_reload_failed(&name);
-                    warn!(pool = %name, error = %e, retry_in_ms = backoff.as_millis() as u64, "Pool reload failed, retrying.");
+                    warn!(pool = %name, error = %chain(&e), retry_in_ms = backoff.as_millis() as u64, "Pool reload failed, retrying.");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -439,20 +441,20 @@ mod tests {
             ..ok.clone()
         };
         let e = reloader("p", &fail).unwrap()().await.unwrap_err();
-        assert!(e.to_string().contains("exited with"), "{e}");
+        assert!(chain(&e).contains("exited with"), "{e}");
         let slow = PoolConfig {
             command: vec!["sleep".into(), "5".into()],
             timeout_secs: 1,
             ..ok.clone()
         };
         let e = reloader("p", &slow).unwrap()().await.unwrap_err();
-        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(chain(&e).contains("timed out"), "{e}");
         let missing = PoolConfig {
             reload: ReloadKind::Signal,
             pidfile: Some("/nonexistent/x.pid".into()),
             ..ok
         };
         let e = reloader("p", &missing).unwrap()().await.unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/x.pid"), "{e}");
+        assert!(chain(&e).contains("/nonexistent/x.pid"), "{e}");
     }
 }
