@@ -82,7 +82,16 @@ fn args() -> Args {
                     .map(|r| r.parse().expect("milliseconds"))
                     .collect()
             }
-            other => panic!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!(
+                    "bench-latency [--rates R,R] [--samples N] [--fetch-wait-ms MS,MS] \
+                     [--producer-bin P] [--consumer-bin P] [--producer-option K=V] [--consumer-option K=V]\n\
+                     End-to-end latency and the read-your-writes barrier on the local stack \
+                     (scripts/stack up first); see the header of tests/src/bin/bench-latency.rs."
+                );
+                std::process::exit(0);
+            }
+            other => panic!("unknown argument {other} (--help lists them)"),
         }
     }
     a
@@ -416,6 +425,9 @@ async fn wait_on(node: &str, gtid: &str, timeout_ms: u64) -> u16 {
     }
 }
 
+/// Connections the barrier's writers share (a worker pool's).
+const WRITERS: usize = 64;
+
 /// Writes at `rate`, each followed by its writer's wait (a task per write, so a slow wait does
 /// not slow the writes): commit-to-200 times beside the same writes' purge times.
 #[allow(clippy::too_many_arguments)]
@@ -429,6 +441,23 @@ async fn barrier_rate(
     samples: u64,
     next_id: &mut u64,
 ) -> BarrierRow {
+    // Writers as an API worker pool holds them: connections kept open and not reset between
+    // writes (the harness pool's COM_RESET_CONNECTION per write tripled MariaDB's CPU at
+    // 2,000 tx/s, on the two cores rtinval shares with the load it is measured under).
+    let s = Stack::get();
+    let writers = mysql_async::Pool::new(
+        mysql_async::OptsBuilder::from_opts(
+            mysql_async::Opts::from_url(&format!("{}/{}", s.mysql_admin_url, db.name)).unwrap(),
+        )
+        .pool_opts(
+            mysql_async::PoolOpts::default()
+                .with_reset_connection(false)
+                .with_constraints(mysql_async::PoolConstraints::new(WRITERS, WRITERS).unwrap()),
+        ),
+    );
+    // Opened before the clock starts, as a running worker pool's are.
+    let warm = futures::future::join_all((0..WRITERS).map(|_| writers.get_conn())).await;
+    drop(warm);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(samples as usize);
@@ -437,7 +466,7 @@ async fn barrier_rate(
         let id = *next_id;
         *next_id += 1;
         let (pool, http, key) = (
-            db.pool.clone(),
+            writers.clone(),
             node.http.clone(),
             format!("{key_prefix}object:{id}"),
         );
@@ -460,6 +489,7 @@ async fn barrier_rate(
         .into_iter()
         .map(Result::unwrap)
         .collect();
+    writers.disconnect().await.ok();
     let seen = deleted.lock().unwrap().clone();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut waits: Vec<f64> = done
