@@ -1,8 +1,54 @@
-//! Configs the binaries under test start with: the shipped RackTables producer config
-//! pointed at a test's database and topics, and the consumer's `[kafka]` section.
+//! Configs the binaries under test start with: one base per binary (the stack's services, a
+//! test's database and topics, no HTTP listener) with a test's own TOML merged in
+//! ([`producer_config`], [`consumer_config`]); the shipped RackTables producer config pointed
+//! at a test's database and topics; and sections tests compose consumer configs from.
 
 use crate::processes::StandInPool;
 use crate::stack::{Stack, server_id, workspace_root};
+
+/// A producer config: `[source]` on the stack's MariaDB and database `db` with a server id of
+/// its own, `[kafka]` on the stack's broker with `prefix`'s topics, no HTTP listener; then
+/// `rest` (TOML: rules, sections, and keys that add to or override the base) merged in.
+pub fn producer_config(db: &str, prefix: &str, rest: &str) -> String {
+    let s = Stack::get();
+    let base = format!(
+        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\
+         [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n[http]\nlisten = \"\"\n",
+        s.mysql_url,
+        server_id(),
+        s.brokers
+    );
+    merged(&base, rest)
+}
+
+/// A consumer config: `[kafka]` on the stack's broker with `prefix`'s topics and consumer group
+/// `group`; then `rest` (pools, caches, overrides) merged in. No `[http]`: `ConsumerProc` adds
+/// the listener it talks to.
+pub fn consumer_config(prefix: &str, group: &str, rest: &str) -> String {
+    merged(&consumer_kafka_section_of(prefix, group), rest)
+}
+
+/// `rest` merged into `base` (both TOML): tables key by key, recursively; any other value,
+/// arrays of tables (`[[rules]]`) included, replaces the base's.
+fn merged(base: &str, rest: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (k, v) in from {
+            match (into.get_mut(&k), v) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, v) => {
+                    into.insert(k, v);
+                }
+            }
+        }
+    }
+    let parse = |text: &str| -> toml::Table {
+        text.parse()
+            .unwrap_or_else(|e| panic!("a test config is not TOML: {e}\n{text}"))
+    };
+    let mut c = parse(base);
+    merge(&mut c, parse(rest));
+    toml::to_string(&c).expect("TOML")
+}
 
 /// The shipped RackTables producer config (`deploy/racktables/producer.toml` with its
 /// `rules.toml`), pointed at a test database, the stack's broker and a topic prefix; `edit`
@@ -48,8 +94,12 @@ pub fn racktables_producer_config(
 /// The `[kafka]` section of a consumer config: the stack's broker, `prefix`'s topics and a
 /// consumer group of its own (`<prefix>-node`).
 pub fn consumer_kafka_section(prefix: &str) -> String {
+    consumer_kafka_section_of(prefix, &format!("{prefix}-node"))
+}
+
+fn consumer_kafka_section_of(prefix: &str, group: &str) -> String {
     format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n",
+        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{group}\"\n",
         Stack::get().brokers
     )
 }

@@ -21,23 +21,21 @@ use rtinval_schemas::EventBody;
 use rtinval_schemas::avro::{AvroWriter, RegistryConfig};
 use rtinval_tests::registry::RegistryStandIn;
 use rtinval_tests::{
-    Bus, ConsumerProc, Proc, Stack, StandInPool, TestDb, bin, free_port, read_raw, redis,
-    server_id, unique, wait_for, wait_sync,
+    Bus, ConsumerProc, Proc, Stack, StandInPool, TestDb, bin, consumer_config, free_port,
+    producer_config, read_raw, redis, unique, wait_for, wait_sync,
 };
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
 const RULES: &str = include_str!("../fixtures/racktables/rules.toml");
 
-fn producer_config(db: &str, prefix: &str, registry: &str) -> String {
-    let s = Stack::get();
-    format!(
-        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\n\
-         [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\nformat = \"avro\"\n\n\
-         [schema_registry]\nurl = \"{registry}\"\nusername = \"rtinval\"\n\n\
-         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\n\n[http]\nlisten = \"\"\n\n{RULES}",
-        s.mysql_url,
-        server_id(),
-        s.brokers
+fn avro_producer_config(db: &str, prefix: &str, registry: &str) -> String {
+    producer_config(
+        db,
+        prefix,
+        &format!(
+            "[kafka]\nformat = \"avro\"\n[schema_registry]\nurl = \"{registry}\"\nusername = \"rtinval\"\n\
+             [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\n{RULES}"
+        ),
     )
 }
 
@@ -76,18 +74,20 @@ async fn avro_events_flow_from_binlog_to_node_through_the_registry() {
 
     let mut producer = start_producer(
         dir.path(),
-        &producer_config(&db.name, &prefix, &registry.url),
+        &avro_producer_config(&db.name, &prefix, &registry.url),
         "s3cret",
     );
-    let consumer_config = format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n\n\
-         [schema_registry]\nurl = \"{}\"\nusername = \"rtinval\"\npassword = \"s3cret\"\n\n\
-         [pools.rtapi]\nreload = \"signal\"\npidfile = \"{}\"\nsignal = \"USR2\"\ndebounce_ms = 50\n\n\
-         [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:\"\nflush = \"prefix\"\n",
-        Stack::get().brokers,
-        registry.url,
-        pool.pidfile.display(),
-        Stack::get().redis_url
+    let consumer_config = consumer_config(
+        &prefix,
+        &format!("{prefix}-node"),
+        &format!(
+            "[schema_registry]\nurl = \"{}\"\nusername = \"rtinval\"\npassword = \"s3cret\"\n\
+             [pools.rtapi]\nreload = \"signal\"\npidfile = \"{}\"\nsignal = \"USR2\"\ndebounce_ms = 50\n\
+             [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:\"\nflush = \"prefix\"\n",
+            registry.url,
+            pool.pidfile.display(),
+            Stack::get().redis_url
+        ),
     );
     producer.wait_log("Streaming binlog.", Duration::from_secs(60));
     // The node starts after the producer's first-start resync is in Kafka, so nothing flushes
@@ -181,7 +181,7 @@ async fn a_wrong_registry_password_stops_the_producer_with_one_line() {
     let prefix = unique("avrobad");
     let mut producer = start_producer(
         dir.path(),
-        &producer_config(&db.name, &prefix, &registry.url),
+        &avro_producer_config(&db.name, &prefix, &registry.url),
         "wrong",
     );
     let status = wait_sync("producer exit", Duration::from_secs(60), || {
@@ -208,11 +208,14 @@ async fn avro_the_node_cannot_decode_resyncs_it_and_json_still_flows() {
     let bus = Bus::new(&prefix).await;
     let s = Stack::get();
     let node = |name: &str, registry_section: &str, extra_kafka: &str| {
-        format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-{name}\"\n{extra_kafka}\n\
-             {registry_section}\n\
-             [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:{name}:\"\nflush = \"prefix\"\n",
-            s.brokers, s.redis_url
+        consumer_config(
+            &prefix,
+            &format!("{prefix}-{name}"),
+            &format!(
+                "[kafka]\n{extra_kafka}\n{registry_section}\n\
+                 [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:{name}:\"\nflush = \"prefix\"\n",
+                s.redis_url
+            ),
         )
     };
     let dead_letter = format!("{prefix}.dead-letter");

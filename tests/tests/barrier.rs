@@ -19,42 +19,40 @@ use mysql_async::prelude::Queryable;
 use redis::AsyncCommands;
 use rtinval_consumer::apply::http::HttpTarget;
 use rtinval_tests::{
-    ConsumerProc, Stack, TestDb, bin, consumer_kafka_section, http_get, server_id, start_producer,
+    ConsumerProc, Stack, TestDb, bin, consumer_config, http_get, producer_config, start_producer,
     unique, wait_sync,
 };
 
 const SCHEMA: &str = "CREATE TABLE Object (id INT UNSIGNED NOT NULL PRIMARY KEY, name VARCHAR(64) NOT NULL) ENGINE=InnoDB";
 
-fn producer_config(db: &str, prefix: &str) -> String {
-    let s = Stack::get();
-    format!(
-        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\n\
-         [http]\nlisten = \"\"\n\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
-        s.mysql_url,
-        server_id(),
-        s.brokers
+fn config(db: &str, prefix: &str) -> String {
+    producer_config(
+        db,
+        prefix,
+        r#"
+[[rules]]
+table = "Object"
+cache = "rt"
+keys = ["object:{id}"]
+"#,
     )
 }
 
 /// A node with its own group (`<prefix>-node-<name>`) and key prefix (`<prefix>-<name>:`) in the
 /// stack's Redis; the shipped defaults otherwise.
-fn consumer_config(prefix: &str, name: &str) -> String {
-    let kafka = consumer_kafka_section(prefix).replace(
-        &format!("group_id = \"{prefix}-node\""),
-        &format!("group_id = \"{prefix}-node-{name}\""),
-    );
-    format!(
-        "{kafka}[caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}-{name}:\"\n",
-        Stack::get().redis_url
+fn node_config(prefix: &str, name: &str) -> String {
+    consumer_config(
+        prefix,
+        &format!("{prefix}-node-{name}"),
+        &format!(
+            "[caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}-{name}:\"\n",
+            Stack::get().redis_url
+        ),
     )
 }
 
 fn start_node(dir: &Path, prefix: &str, name: &str) -> ConsumerProc {
-    let mut c = ConsumerProc::start(
-        dir,
-        &format!("consumer-{name}"),
-        &consumer_config(prefix, name),
-    );
+    let mut c = ConsumerProc::start(dir, &format!("consumer-{name}"), &node_config(prefix, name));
     c.wait_consuming();
     wait_sync("node ready", Duration::from_secs(30), || {
         http_get(&c.http, "/readyz")
@@ -104,7 +102,7 @@ async fn after_every_commit_the_node_barrier_answers_only_once_the_key_is_purged
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create("barrier", SCHEMA).await;
     let prefix = unique("barrier");
-    let _producer = start_producer(dir.path(), "producer", &producer_config(&db.name, &prefix));
+    let _producer = start_producer(dir.path(), "producer", &config(&db.name, &prefix));
     let node = start_node(dir.path(), &prefix, "a");
     let redis = rtinval_tests::redis().await;
 
@@ -175,13 +173,13 @@ async fn the_cluster_barrier_waits_for_every_node_and_a_paused_node_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create("cbarrier", SCHEMA).await;
     let prefix = unique("cbarrier");
-    let _producer = start_producer(dir.path(), "producer", &producer_config(&db.name, &prefix));
+    let _producer = start_producer(dir.path(), "producer", &config(&db.name, &prefix));
     let nodes: Vec<ConsumerProc> = ["a", "b", "c"]
         .into_iter()
         .map(|n| start_node(dir.path(), &prefix, n))
         .collect();
     let config_path = dir.path().join("wait.toml");
-    std::fs::write(&config_path, consumer_config(&prefix, "a")).unwrap();
+    std::fs::write(&config_path, node_config(&prefix, "a")).unwrap();
     let config = rtinval_consumer::config::Config::load(&config_path).unwrap();
     // tansu has no ListGroups: the groups are named (Apache Kafka lists them by prefix).
     let groups: Vec<String> = ["a", "b", "c"]
@@ -326,7 +324,7 @@ async fn bad_positions_unreachable_positions_and_a_stopping_node_all_get_answers
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create("fbarrier", SCHEMA).await;
     let prefix = unique("fbarrier");
-    let _producer = start_producer(dir.path(), "producer", &producer_config(&db.name, &prefix));
+    let _producer = start_producer(dir.path(), "producer", &config(&db.name, &prefix));
     let mut node = start_node(dir.path(), &prefix, "a");
     let config_path = dir.path().join("consumer-a.toml");
     let cli = |args: &[&str]| {

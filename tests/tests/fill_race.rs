@@ -25,7 +25,7 @@ use std::time::Duration;
 use mysql_async::prelude::Queryable;
 use rtinval_client::protocol::Stored;
 use rtinval_tests::{
-    ConsumerProc, Stack, TestDb, consumer_kafka_section, http_get, release_bin, server_id,
+    ConsumerProc, Stack, TestDb, consumer_kafka_section, http_get, producer_config, release_bin,
     start_producer_with, unique, wait_sync, workspace_root,
 };
 use serde_json::{Value, json};
@@ -41,20 +41,14 @@ const CACHES: [(&str, &str, bool); 4] = [
     ("memcached_plain", "memcached", false),
 ];
 
-fn producer_config(db: &str, prefix: &str) -> String {
-    let s = Stack::get();
+fn config(db: &str, prefix: &str) -> String {
     let mut rules = String::new();
     for (name, _, _) in CACHES {
         rules.push_str(&format!(
             "\n[[rules]]\ntable = \"Object\"\ncache = \"{name}\"\nkeys = [\"object:{{id}}\"]\n"
         ));
     }
-    format!(
-        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\n[http]\nlisten = \"\"\n{rules}",
-        s.mysql_url,
-        server_id(),
-        s.brokers
-    )
+    producer_config(db, prefix, &rules)
 }
 
 fn cache_prefix(prefix: &str, name: &str) -> String {
@@ -118,7 +112,7 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
     let _producer = start_producer_with(
         dir.path(),
         "producer",
-        &producer_config(&db.name, &prefix),
+        &config(&db.name, &prefix),
         &release_bin("rtinval-producer"),
     );
     let mut node = ConsumerProc::start_logging(

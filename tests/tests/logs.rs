@@ -10,7 +10,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use rtinval_tests::{Proc, Stack, TestDb, bin, server_id, unique, wait_sync};
+use rtinval_tests::{
+    Proc, Stack, TestDb, bin, consumer_config, producer_config, unique, wait_sync,
+};
 
 const SCHEMA: &str =
     "CREATE TABLE Object (id INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY, name CHAR(255))";
@@ -55,16 +57,14 @@ async fn json_logs_redact_secrets_and_report_progress_with_positions() {
     let producer_cfg = dir.path().join("producer.toml");
     std::fs::write(
         &producer_cfg,
-        format!(
-            "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n\
-             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
-             [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\nprogress_log_secs = 1\n\
-             [http]\nlisten = \"\"\n\
-             [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
-            source_url,
-            db.name,
-            server_id(),
-            s.brokers
+        producer_config(
+            &db.name,
+            &prefix,
+            &format!(
+                "[source]\nurl = \"{source_url}\"\n\
+                 [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\nprogress_log_secs = 1\n\
+                 [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n"
+            ),
         ),
     )
     .unwrap();
@@ -82,13 +82,16 @@ async fn json_logs_redact_secrets_and_report_progress_with_positions() {
     let consumer_cfg = dir.path().join("consumer.toml");
     std::fs::write(
         &consumer_cfg,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n\
-             [kafka.options]\n\"sasl.password\" = \"{kafka_secret}\"\n\
-             [schema_registry]\nurl = \"http://127.0.0.1:9\"\nusername = \"rtinval\"\npassword = \"{registry_password}\"\n\
-             [node]\nprogress_log_secs = 1\n[http]\nlisten = \"\"\n\
-             [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:\"\n",
-            s.brokers, s.redis_url
+        consumer_config(
+            &prefix,
+            &format!("{prefix}-node"),
+            &format!(
+                "[kafka.options]\n\"sasl.password\" = \"{kafka_secret}\"\n\
+                 [schema_registry]\nurl = \"http://127.0.0.1:9\"\nusername = \"rtinval\"\npassword = \"{registry_password}\"\n\
+                 [node]\nprogress_log_secs = 1\n[http]\nlisten = \"\"\n\
+                 [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:\"\n",
+                s.redis_url
+            ),
         ),
     )
     .unwrap();

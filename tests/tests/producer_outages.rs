@@ -14,19 +14,22 @@ use std::time::{Duration, Instant};
 use mysql_async::prelude::Queryable;
 use rtinval_schemas::EventBody;
 use rtinval_tests::{
-    PrivateBroker, PrivateMariaDb, Proc, Stack, read_events_from, server_id, start_producer,
+    PrivateBroker, PrivateMariaDb, Proc, Stack, producer_config, read_events_from, start_producer,
     unique, wait_sync,
 };
 
 const OBJECTS: u32 = 100;
 
 fn producer(dir: &Path, name: &str, url: &str, brokers: &str, prefix: &str) -> Proc {
-    let cfg = format!(
-        "[source]\nurl = \"{url}\"\ndatabase = \"rt\"\nserver_id = {}\nread_timeout_secs = 3\n\
-         [kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\n\
-         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 100\n[http]\nlisten = \"\"\n\
-         [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}:{{label}}\"]\n",
-        server_id()
+    // A MariaDB and a broker of the test's own, in place of the stack's.
+    let cfg = producer_config(
+        "rt",
+        prefix,
+        &format!(
+            "[source]\nurl = \"{url}\"\nread_timeout_secs = 3\n[kafka]\nbrokers = \"{brokers}\"\n\
+             [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 100\n\
+             [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}:{{label}}\"]\n"
+        ),
     );
     start_producer(dir, name, &cfg)
 }

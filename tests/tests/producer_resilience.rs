@@ -13,20 +13,24 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
-use rtinval_tests::{Proc, Stack, TestDb, bin, read_events, server_id, unique, wait_sync};
+use rtinval_tests::{Proc, TestDb, bin, producer_config, read_events, unique, wait_sync};
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
 const OBJECTS: u32 = 200;
 
 fn config(db: &str, prefix: &str) -> String {
-    let s = Stack::get();
-    format!(
-        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
-         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 100\n[http]\nlisten = \"\"\n\
-         [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}:{{label}}\"]\n",
-        s.mysql_url,
-        server_id(),
-        s.brokers
+    producer_config(
+        db,
+        prefix,
+        r#"
+[producer]
+heartbeat_ms = 200
+checkpoint_ms = 100
+[[rules]]
+table = "Object"
+cache = "rt"
+keys = ["object:{id}:{label}"]
+"#,
     )
 }
 

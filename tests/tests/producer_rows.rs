@@ -14,15 +14,13 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use rtinval_schemas::EventBody;
-use rtinval_tests::{Proc, Stack, TestDb, read_events, server_id, start_producer, unique};
+use rtinval_tests::{Proc, Stack, TestDb, producer_config, read_events, start_producer, unique};
 
 fn producer(dir: &Path, url: &str, db: &str, prefix: &str, rules: &str) -> Proc {
-    let s = Stack::get();
-    let cfg = format!(
-        "[source]\nurl = \"{url}\"\ndatabase = \"{db}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
-         [producer]\nheartbeat_ms = 200\n[http]\nlisten = \"\"\n{rules}",
-        server_id(),
-        s.brokers
+    let cfg = producer_config(
+        db,
+        prefix,
+        &format!("[source]\nurl = \"{url}\"\n[producer]\nheartbeat_ms = 200\n{rules}"),
     );
     start_producer(dir, "producer", &cfg)
 }
@@ -201,12 +199,12 @@ async fn the_documented_grants_suffice_and_a_missing_one_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let (code, text) = rtinval_tests::producer_check(
             dir.path(),
-            &format!(
-                "[source]\nurl = \"{url}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\n\
-                 [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
-                db.name,
-                server_id(),
-                s.brokers
+            &producer_config(
+                &db.name,
+                &unique("grants"),
+                &format!(
+                    "[source]\nurl = \"{url}\"\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n"
+                ),
             ),
         );
         conn.query_drop(format!("DROP USER '{user}'@'127.0.0.1'"))

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use redis::AsyncCommands;
 use rtinval_schemas::EventBody;
-use rtinval_tests::{Bus, Stack, bin, redis, unique};
+use rtinval_tests::{Bus, Stack, bin, consumer_config, producer_config, redis, unique};
 
 fn replay(config: &std::path::Path, args: &[&str]) -> Vec<String> {
     let out = Command::new(bin("rtinval-consumer"))
@@ -47,9 +47,13 @@ async fn replay_ranges_filters_why_and_apply() {
     let config = dir.path().join("consumer.toml");
     std::fs::write(
         &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n[caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{cache_prefix}\"\n",
-            s.brokers, s.redis_url
+        consumer_config(
+            &prefix,
+            &format!("{prefix}-node"),
+            &format!(
+                "[caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{cache_prefix}\"\n",
+                s.redis_url
+            ),
         ),
     )
     .unwrap();
@@ -190,7 +194,6 @@ async fn replay_follows_and_filters_the_producers_events_by_table_and_transactio
     use std::io::BufRead;
 
     let dir = tempfile::tempdir().unwrap();
-    let s = Stack::get();
     let db = rtinval_tests::TestDb::create(
         "replayp",
         "CREATE TABLE Object (id INT UNSIGNED NOT NULL PRIMARY KEY, name CHAR(255));\n\
@@ -201,24 +204,29 @@ async fn replay_follows_and_filters_the_producers_events_by_table_and_transactio
     let producer = rtinval_tests::start_producer(
         dir.path(),
         "producer",
-        &format!(
-            "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n\
-             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
-             [producer]\nheartbeat_ms = 200\n[http]\nlisten = \"\"\n\
-             [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\", \"object_name:{{name}}\"]\n\
-             [[rules]]\ntable = \"TagTree\"\nreset_pools = [\"rtapi\"]\n",
-            s.mysql_url,
-            db.name,
-            rtinval_tests::server_id(),
-            s.brokers
+        &producer_config(
+            &db.name,
+            &prefix,
+            r#"
+[producer]
+heartbeat_ms = 200
+[[rules]]
+table = "Object"
+cache = "rt"
+keys = ["object:{id}", "object_name:{name}"]
+[[rules]]
+table = "TagTree"
+reset_pools = ["rtapi"]
+"#,
         ),
     );
     let config = dir.path().join("consumer.toml");
     std::fs::write(
         &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n[pools.rtapi]\nreload = \"command\"\ncommand = [\"true\"]\n",
-            s.brokers
+        consumer_config(
+            &prefix,
+            &format!("{prefix}-node"),
+            "[pools.rtapi]\nreload = \"command\"\ncommand = [\"true\"]\n",
         ),
     )
     .unwrap();

@@ -14,33 +14,34 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use rtinval_tests::{
-    Proc, Stack, StandInPool, TestDb, bin, free_port, http_get, redis, server_id, unique, wait_for,
-    wait_sync,
+    Proc, Stack, StandInPool, TestDb, bin, consumer_config, free_port, http_get, producer_config,
+    redis, unique, wait_for, wait_sync,
 };
 
 const SCHEMA: &str = include_str!("../fixtures/racktables/schema.sql");
 const RULES: &str = include_str!("../fixtures/racktables/rules.toml");
 
-fn producer_config(db: &str, prefix: &str, http: &str) -> String {
-    let s = Stack::get();
-    format!(
-        "[source]\nurl = \"{}\"\ndatabase = \"{db}\"\nserver_id = {}\n\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\n\
-         [producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\n\n[http]\nlisten = \"{http}\"\n\n{RULES}",
-        s.mysql_url,
-        server_id(),
-        s.brokers
+fn config(db: &str, prefix: &str, http: &str) -> String {
+    producer_config(
+        db,
+        prefix,
+        &format!(
+            "[producer]\nheartbeat_ms = 200\ncheckpoint_ms = 200\n[http]\nlisten = \"{http}\"\n{RULES}"
+        ),
     )
 }
 
-fn consumer_config(prefix: &str, http: &str, pidfile: &Path) -> String {
-    let s = Stack::get();
-    format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node1\"\n\n[http]\nlisten = \"{http}\"\n\n\
-         [pools.rtapi]\nreload = \"signal\"\npidfile = \"{}\"\nsignal = \"USR2\"\ndebounce_ms = 100\nmax_delay_ms = 1000\n\n\
-         [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:\"\nflush = \"prefix\"\n",
-        s.brokers,
-        pidfile.display(),
-        s.redis_url
+fn node_config(prefix: &str, http: &str, pidfile: &Path) -> String {
+    consumer_config(
+        prefix,
+        &format!("{prefix}-node1"),
+        &format!(
+            "[http]\nlisten = \"{http}\"\n\
+             [pools.rtapi]\nreload = \"signal\"\npidfile = \"{}\"\nsignal = \"USR2\"\ndebounce_ms = 100\nmax_delay_ms = 1000\n\
+             [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{prefix}:\"\nflush = \"prefix\"\n",
+            pidfile.display(),
+            Stack::get().redis_url
+        ),
     )
 }
 
@@ -67,12 +68,12 @@ async fn racktables_writes_purge_keys_and_reload_the_pool_once_per_transaction()
     let producer_http = format!("127.0.0.1:{}", free_port());
     std::fs::write(
         dir.path().join("producer.toml"),
-        producer_config(&db.name, &prefix, &producer_http),
+        config(&db.name, &prefix, &producer_http),
     )
     .unwrap();
     std::fs::write(
         dir.path().join("consumer.toml"),
-        consumer_config(&prefix, &http, &pool.pidfile),
+        node_config(&prefix, &http, &pool.pidfile),
     )
     .unwrap();
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use rtinval_schemas::EventBody;
 use rtinval_tests::{
-    Bus, ConsumerProc, PrivateBroker, Stack, StandInPool, clk_tck, proc_stats, redis, unique,
-    wait_sync,
+    Bus, ConsumerProc, PrivateBroker, Stack, StandInPool, clk_tck, consumer_config, proc_stats,
+    redis, unique, wait_sync,
 };
 
 struct Args {
@@ -62,15 +62,19 @@ async fn main() {
     let pool = StandInPool::start(dir.path(), "pool");
     let s = Stack::get();
     let (rp, mp) = (format!("{prefix}:r:"), format!("{prefix}:m:"));
-    let config = format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node\"\n\
+    let config = consumer_config(
+        &prefix,
+        &format!("{prefix}-node"),
+        &format!(
+            "[kafka]\nbrokers = \"{}\"\n\
          [pools.rtapi]\nreload = \"signal\"\npidfile = \"{}\"\ndebounce_ms = 200\nmax_delay_ms = 1000\n\
          [caches.r]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{rp}\"\n\
          [caches.m]\nkind = \"memcached\"\nurl = \"{}\"\nprefix = \"{mp}\"\n",
-        brokers,
-        pool.pidfile.display(),
-        s.redis_url,
-        s.memcached
+            brokers,
+            pool.pidfile.display(),
+            s.redis_url,
+            s.memcached
+        ),
     );
     let mut c = if args.consumer_bin.as_os_str().is_empty() {
         ConsumerProc::start(dir.path(), "consumer", &config)

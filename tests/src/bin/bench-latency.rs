@@ -27,8 +27,8 @@ use mysql_async::prelude::Queryable;
 use redis::AsyncCommands;
 use rtinval_consumer::apply::http::HttpTarget;
 use rtinval_tests::{
-    ConsumerProc, PrivateBroker, Proc, Stack, TestDb, clk_tck, proc_stats, server_id, unique,
-    wait_sync,
+    ConsumerProc, PrivateBroker, Proc, Stack, TestDb, clk_tck, consumer_config, proc_stats,
+    producer_config, unique, wait_sync,
 };
 
 struct Args {
@@ -137,14 +137,14 @@ async fn main() {
     // A broker of its own: the shared one carries every test's topics and load.
     let broker = PrivateBroker::start(dir.path());
     let brokers = broker.brokers();
-    let pcfg = format!(
-        "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
-         {}[http]\nlisten = \"\"\n[[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
-        s.mysql_url,
-        db.name,
-        server_id(),
-        brokers,
-        options_toml(&a.producer_options)
+    let pcfg = producer_config(
+        &db.name,
+        &prefix,
+        &format!(
+            "[kafka]\nbrokers = \"{brokers}\"\n{}\
+             [[rules]]\ntable = \"Object\"\ncache = \"rt\"\nkeys = [\"object:{{id}}\"]\n",
+            options_toml(&a.producer_options)
+        ),
     );
     std::fs::write(dir.path().join("p.toml"), pcfg).unwrap();
     let mut producer = Proc::spawn(
@@ -198,12 +198,15 @@ async fn main() {
         // A node per setting: its own group, started after everything before it was applied.
         let mut options = vec![("fetch.wait.max.ms".to_owned(), wait.to_string())];
         options.extend(a.consumer_options.iter().cloned());
-        let ccfg = format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup_id = \"{prefix}-node-{wait}\"\n\
-         {}[caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{key_prefix}\"\n",
-            brokers,
-            options_toml(&options),
-            s.redis_url
+        let ccfg = consumer_config(
+            &prefix,
+            &format!("{prefix}-node-{wait}"),
+            &format!(
+                "[kafka]\nbrokers = \"{brokers}\"\n{}\
+                 [caches.rt]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{key_prefix}\"\n",
+                options_toml(&options),
+                s.redis_url
+            ),
         );
         let mut consumer = ConsumerProc::start_with(
             dir.path(),

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
-use rtinval_tests::{PrivateBroker, Proc, Stack, TestDb, free_port, http_get, server_id, unique};
+use rtinval_tests::{
+    PrivateBroker, Proc, Stack, TestDb, free_port, http_get, producer_config, server_id, unique,
+};
 
 struct Args {
     changes: u64,
@@ -139,13 +141,13 @@ async fn main() {
     let brokers = broker.brokers();
     seed_checkpoint(&brokers, &prefix, &start_file, start_pos).await;
     let http = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "[source]\nurl = \"{}\"\ndatabase = \"{}\"\nserver_id = {}\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
-         [http]\nlisten = \"{http}\"\n[[rules]]\ntable = \"Object\"\nreset_pools = [\"rtapi\"]\ncache = \"rt\"\nkeys = [\"object:{{id}}\", \"object_name:{{name}}\"]\n",
-        s.mysql_url,
-        db.name,
-        server_id(),
-        brokers
+    let cfg = producer_config(
+        &db.name,
+        &prefix,
+        &format!(
+            "[kafka]\nbrokers = \"{brokers}\"\n[http]\nlisten = \"{http}\"\n\
+             [[rules]]\ntable = \"Object\"\nreset_pools = [\"rtapi\"]\ncache = \"rt\"\nkeys = [\"object:{{id}}\", \"object_name:{{name}}\"]\n"
+        ),
     );
     std::fs::write(dir.path().join("p.toml"), cfg).unwrap();
     let t = Instant::now();
