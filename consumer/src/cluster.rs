@@ -13,6 +13,10 @@
 //! message beyond its position that the watch has seen: if a message beyond it was published
 //! before the watch started, a later one is taken, which only asks for more, never less.
 //!
+//! Which groups: those named with `--group`, or every group whose name starts with
+//! `--group-prefix`, as the broker lists them (ListGroups) and as the nodes registered
+//! themselves in the node registry ([`crate::nodes`], for brokers without ListGroups).
+//!
 //! What it costs the brokers: one consumer reading the event topics, and one committed-offsets
 //! request per group every 200 ms, however many waits. Nodes commit applied offsets every
 //! second, so a cluster wait takes about a second longer than the slowest node's apply. GTID
@@ -137,27 +141,10 @@ impl ClusterWatch {
         }
         reader.assign(&assign).map_err(|e| e.to_string())?;
         let groups: Vec<String> = if groups.is_empty() {
-            let list = reader.fetch_group_list(None, TIMEOUT).map_err(|e| {
-                format!(
-                    "cannot list consumer groups ({e}; some Kafka-protocol brokers, tansu among them, lack ListGroups): name the groups with --group"
-                )
-            })?;
-            let mut found: Vec<String> = list
-                .groups()
-                .iter()
-                .map(|g| g.name().to_owned())
-                .filter(|n| n.starts_with(group_prefix))
-                .collect();
-            found.sort();
-            found
+            discover(&reader, config, group_prefix)?
         } else {
             groups.to_vec()
         };
-        if groups.is_empty() {
-            return Err(format!(
-                "no consumer group starts with {group_prefix:?}; set --group-prefix (nodes' kafka.group_id) or name them with --group"
-            ));
-        }
         let committers: Vec<(String, BaseConsumer)> = groups
             .iter()
             .map(|g| {
@@ -359,6 +346,43 @@ fn follow(
         }
         tx.send_modify(|n| *n += 1);
     }
+}
+
+/// The groups whose names start with `prefix`: those the broker lists (ListGroups) and those
+/// registered in the node registry ([`crate::nodes`]) within its TTL. A broker without
+/// ListGroups (tansu) leaves the registry alone; an error only if neither names a group.
+fn discover(reader: &BaseConsumer, config: &Config, prefix: &str) -> Result<Vec<String>, String> {
+    let listed = reader.fetch_group_list(None, TIMEOUT).map(|list| {
+        list.groups()
+            .iter()
+            .map(|g| g.name().to_owned())
+            .filter(|n| n.starts_with(prefix))
+            .collect::<Vec<_>>()
+    });
+    let registered = crate::nodes::registered(config, prefix, rtinval_schemas::runtime::now_ms());
+    let mut found: Vec<String> = listed
+        .iter()
+        .chain(registered.iter())
+        .flatten()
+        .cloned()
+        .collect();
+    found.sort();
+    found.dedup();
+    if found.is_empty() {
+        let why = |r: &Result<Vec<String>, _>, what: &str| match r {
+            Ok(_) => format!("{what}: none"),
+            Err(e) => format!("{what}: {e}"),
+        };
+        return Err(format!(
+            "no consumer group starts with {prefix:?} ({}; {}); set --group-prefix to the nodes' kafka.group_id prefix, or name the groups with --group",
+            why(&listed.map_err(|e| e.to_string()), "listed by the broker"),
+            why(
+                &registered,
+                "registered in the node registry within 10 minutes"
+            ),
+        ));
+    }
+    Ok(found)
 }
 
 /// Wait until every consumer group named in `groups`, or (if empty) every group whose name

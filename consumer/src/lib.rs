@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Completed messages feed [`barrier`] (the node's applied source position, and `/wait`);
-//! [`cluster`] answers the same for every node from Kafka's committed offsets; [`replay`] reads
+//! [`cluster`] answers the same for every node from Kafka's committed offsets, finding the
+//! nodes in the [`nodes`] registry (where each node registers its group); [`replay`] reads
 //! the topics back; [`endpoint`] serves `/metrics`, `/healthz`, `/readyz` and `/wait`. Plus
 //! [`config`] (TOML), [`error`] and [`metrics`] (Prometheus, readiness).
 //!
@@ -35,6 +36,7 @@ pub mod endpoint;
 pub mod error;
 pub mod inspect;
 pub mod metrics;
+pub mod nodes;
 pub mod plan;
 pub mod replay;
 pub mod subscribe;
@@ -153,6 +155,7 @@ async fn consume(
         );
     }
     let consumer = subscribe::consumer(&config, &metrics)?;
+    nodes::spawn(&config, shutdown.clone());
     info!(group = %config.group_id(), pools = config.pools.len(), caches = config.caches.len(), "Consumer running.");
     let dead_letter = match &config.kafka.dead_letter_topic {
         Some(topic) => Some(subscribe::dead_letter(&config, topic, actions_shutdown).await?),

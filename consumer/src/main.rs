@@ -104,7 +104,8 @@ struct WaitArgs {
     #[arg(long)]
     all_nodes: bool,
     /// With --all-nodes: the groups are those whose name starts with this (kafka.group_id of
-    /// the nodes; the default group is rtinval-consumer-<hostname>).
+    /// the nodes; the default group is rtinval-consumer-<hostname>), as the broker lists them
+    /// and as the nodes registered themselves in <topic_prefix>.nodes within 10 minutes.
     #[arg(long, default_value = "rtinval-consumer-", requires = "all_nodes")]
     group_prefix: String,
     /// With --all-nodes: these groups (repeatable) instead of listing by prefix.

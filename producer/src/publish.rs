@@ -36,15 +36,19 @@ pub struct Topics {
     pub pool_reset: String,
     pub cache_keys: String,
     pub checkpoints: String,
+    /// The consumers' node registry (they create it too; created here so that it exists, with
+    /// the configured replication, before the first node starts).
+    pub nodes: String,
 }
 
 impl Topics {
     pub fn new(prefix: &str) -> Topics {
-        use rtinval_schemas::topics::{CACHE_KEYS, CHECKPOINTS, POOL_RESET, name};
+        use rtinval_schemas::topics::{CACHE_KEYS, CHECKPOINTS, NODES, POOL_RESET, name};
         Topics {
             pool_reset: name(prefix, POOL_RESET),
             cache_keys: name(prefix, CACHE_KEYS),
             checkpoints: name(prefix, CHECKPOINTS),
+            nodes: name(prefix, NODES),
         }
     }
 }
@@ -124,6 +128,7 @@ pub async fn ensure_topics(
         NewTopic::new(&topics.pool_reset, kafka.partitions, rf()),
         NewTopic::new(&topics.cache_keys, kafka.partitions, rf()),
         NewTopic::new(&topics.checkpoints, 1, rf()).set("cleanup.policy", "compact"),
+        NewTopic::new(&topics.nodes, 1, rf()).set("cleanup.policy", "compact"),
     ];
     // Short attempts: an unreachable broker is reported within seconds, then retried.
     let opts = AdminOptions::new()

@@ -1,5 +1,6 @@
 //! Topic names, built in one place: `<prefix>.pool-reset` and `<prefix>.cache-keys` carry the
-//! events, `<prefix>.checkpoints` the producer's positions.
+//! events, `<prefix>.checkpoints` the producer's positions, `<prefix>.nodes` the consumers'
+//! registrations (which groups a cluster wait waits for).
 
 /// Suffix of the topic of `pool_reset` events (and their heartbeats).
 pub const POOL_RESET: &str = "pool-reset";
@@ -7,6 +8,8 @@ pub const POOL_RESET: &str = "pool-reset";
 pub const CACHE_KEYS: &str = "cache-keys";
 /// Suffix of the compacted topic of producer checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
+/// Suffix of the compacted topic where each consumer node registers its group.
+pub const NODES: &str = "nodes";
 /// The event topics' suffixes, in the order consumers subscribe.
 pub const EVENTS: [&str; 2] = [POOL_RESET, CACHE_KEYS];
 

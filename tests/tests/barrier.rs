@@ -181,7 +181,9 @@ async fn the_cluster_barrier_waits_for_every_node_and_a_paused_node_holds_it() {
     let config_path = dir.path().join("wait.toml");
     std::fs::write(&config_path, node_config(&prefix, "a")).unwrap();
     let config = rtinval_consumer::config::Config::load(&config_path).unwrap();
-    // tansu has no ListGroups: the groups are named (Apache Kafka lists them by prefix).
+    // The groups are found by their prefix: tansu has no ListGroups, so from the node registry
+    // (<prefix>.nodes), where each node registered itself as it started.
+    let group_prefix = format!("{prefix}-node-");
     let groups: Vec<String> = ["a", "b", "c"]
         .iter()
         .map(|n| format!("{prefix}-node-{n}"))
@@ -193,8 +195,16 @@ async fn the_cluster_barrier_waits_for_every_node_and_a_paused_node_holds_it() {
     const WRITERS: usize = 320;
     const PER_WRITER: usize = 16;
     let watch = std::sync::Arc::new(
-        rtinval_consumer::cluster::ClusterWatch::start(&config, "", &groups).unwrap(),
+        rtinval_consumer::cluster::ClusterWatch::start(&config, &group_prefix, &[]).unwrap(),
     );
+    assert_eq!(
+        watch.groups, groups,
+        "the groups registered under the prefix"
+    );
+    let none = rtinval_consumer::cluster::ClusterWatch::start(&config, "no-such-node-", &[])
+        .err()
+        .expect("no group under an unknown prefix");
+    assert!(none.contains("no consumer group starts with"), "{none}");
     let started = Instant::now();
     let writers = (0..WRITERS).map(|w| {
         let (pool, prefix, watch) = (db.pool.clone(), prefix.clone(), watch.clone());
@@ -279,7 +289,7 @@ async fn the_cluster_barrier_waits_for_every_node_and_a_paused_node_holds_it() {
             .arg("--config")
             .arg(&config_path)
             .args(["wait", "--all-nodes"])
-            .args(groups.iter().flat_map(|g| ["--group", g.as_str()]))
+            .args(["--group-prefix", &group_prefix])
             .args(["--gtid", &gtid, "--timeout-ms", "60000"]),
         dir.path().join("wait-all.log"),
     );

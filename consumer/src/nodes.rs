@@ -1,0 +1,218 @@
+//! The node registry: every consumer names its group in the compacted topic `<prefix>.nodes`
+//! (key: the group id; value: a [`NodeRecord`]) when it starts and every [`REFRESH`] after,
+//! so that `wait --all-nodes --group-prefix P` knows which groups to wait for on any
+//! Kafka-protocol broker, also where the broker cannot list consumer groups (ListGroups;
+//! tansu lacks it). A cluster wait takes every group registered within [`TTL`]: a node that is
+//! stopped, or paused, for longer (or decommissioned) is no longer waited for; `--group` names
+//! groups to wait for regardless.
+//!
+//! The registry is advisory: a node that cannot write to it logs a warning and applies events
+//! as ever; only cluster waits by prefix miss it (and name the groups they found).
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::replay::reader_config;
+
+/// How often a node renews its registration.
+pub const REFRESH: Duration = Duration::from_secs(60);
+/// How long a registration counts for a cluster wait after the node last renewed it.
+pub const TTL: Duration = Duration::from_secs(600);
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a node writes about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node's consumer group (the record's key too).
+    pub group: String,
+    /// The host it runs on.
+    pub host: String,
+    /// The consumer's version.
+    pub version: String,
+    /// Unix ms of this registration.
+    pub seen_at_ms: u64,
+}
+
+/// The registry topic of `config`.
+fn topic(config: &Config) -> String {
+    rtinval_schemas::topics::name(&config.kafka.topic_prefix, rtinval_schemas::topics::NODES)
+}
+
+/// Register this node now and every [`REFRESH`] until `shutdown`, creating the topic if it is
+/// missing (compacted, one partition). Failures are logged once per outage, never fatal.
+pub fn spawn(config: &Config, shutdown: CancellationToken) {
+    let topic = topic(config);
+    let group = config.group_id();
+    let producer: Result<FutureProducer, _> =
+        rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[])
+            .create();
+    let admin =
+        rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[])
+            .create::<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>>();
+    let (producer, admin) = match (producer, admin) {
+        (Ok(p), Ok(a)) => (p, a),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(%topic, error = %e, "Node registry: cannot create a Kafka client; cluster waits by --group-prefix will not see this node (name its group with --group).");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut failing = false;
+        let mut created = false;
+        loop {
+            if !created {
+                created = create_topic(&admin, &topic).await.is_ok();
+            }
+            let record = NodeRecord {
+                group: group.clone(),
+                host: hostname::get()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                seen_at_ms: rtinval_schemas::runtime::now_ms(),
+            };
+            let payload = serde_json::to_vec(&record).unwrap_or_default();
+            let sent = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = producer.send(FutureRecord::to(&topic).key(&group).payload(&payload), TIMEOUT) => r,
+            };
+            match sent {
+                Ok(_) if failing => {
+                    failing = false;
+                    info!(%topic, %group, "Node registry: registered again.");
+                }
+                Ok(_) => {}
+                Err((e, _)) if !failing => {
+                    failing = true;
+                    warn!(%topic, %group, error = %e, "Node registry: cannot register this node; cluster waits by --group-prefix will not see it until it can (retrying).");
+                }
+                Err(_) => {}
+            }
+            let wait = if failing {
+                Duration::from_secs(5)
+            } else {
+                REFRESH
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
+}
+
+async fn create_topic(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topic: &str,
+) -> Result<(), ()> {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+    match admin.create_topics(&[new], &opts).await {
+        Ok(results) => match results.into_iter().next() {
+            Some(Ok(_)) | Some(Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))) => {
+                Ok(())
+            }
+            _ => Err(()),
+        },
+        Err(_) => Err(()),
+    }
+}
+
+/// The groups registered within [`TTL`] of `now_ms` whose names start with `prefix`, sorted.
+/// An empty or missing registry is an empty list.
+pub fn registered(config: &Config, prefix: &str, now_ms: u64) -> Result<Vec<String>, String> {
+    let topic = topic(config);
+    let reader: BaseConsumer =
+        reader_config(config, &format!("rtinval-nodes-{}", std::process::id()))
+            .create()
+            .map_err(|e| format!("Kafka client for {}: {e}", config.kafka.brokers))?;
+    let md = reader
+        .fetch_metadata(Some(&topic), TIMEOUT)
+        .map_err(|e| format!("{topic}: {e}"))?;
+    if !md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    {
+        return Ok(Vec::new());
+    }
+    let (low, high) = reader
+        .fetch_watermarks(&topic, 0, TIMEOUT)
+        .map_err(|e| format!("{topic}: {e}"))?;
+    let mut latest = std::collections::BTreeMap::new();
+    if high > low {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(low))
+            .map_err(|e| e.to_string())?;
+        reader.assign(&tpl).map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("timed out reading {topic} (offsets {low}..{high})"));
+            }
+            match reader.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(e)) => return Err(format!("{topic}: {e}")),
+                Some(Ok(m)) => {
+                    // A record that does not parse (another writer, a tombstone) names nothing.
+                    if let Some(r) = m
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<NodeRecord>(p).ok())
+                    {
+                        latest.insert(r.group.clone(), r.seen_at_ms);
+                    }
+                    if m.offset() + 1 >= high {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(live(&latest, prefix, now_ms))
+}
+
+/// The groups of `latest` (group → last registration) that start with `prefix` and registered
+/// within [`TTL`] of `now_ms`.
+fn live(
+    latest: &std::collections::BTreeMap<String, u64>,
+    prefix: &str,
+    now_ms: u64,
+) -> Vec<String> {
+    let ttl = TTL.as_millis() as u64;
+    latest
+        .iter()
+        .filter(|(g, seen)| g.starts_with(prefix) && now_ms.saturating_sub(**seen) <= ttl)
+        .map(|(g, _)| g.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_wait_takes_the_prefix_s_groups_registered_within_the_ttl() {
+        let now = 10_000_000;
+        let ttl = TTL.as_millis() as u64;
+        let latest: std::collections::BTreeMap<String, u64> = [
+            ("rt-node-a", now - 1_000),
+            ("rt-node-b", now - ttl),
+            ("rt-node-gone", now - ttl - 1),
+            ("other-node", now),
+        ]
+        .into_iter()
+        .map(|(g, t)| (g.to_owned(), t))
+        .collect();
+        assert_eq!(live(&latest, "rt-node-", now), ["rt-node-a", "rt-node-b"]);
+        assert_eq!(live(&latest, "", now).len(), 3);
+    }
+}
