@@ -1,13 +1,30 @@
-//! The `http` pool reloader's client: one HTTP/1.1 request to a local reload endpoint
-//! (`http://host:port/path`), success on a 2xx status. Plain HTTP only: reload endpoints live on
-//! the node itself; a TLS client is not worth its weight here.
+//! The `http` pool reloader's client, and the `wait` command's: one request to a local
+//! endpoint (`http://host:port/path`), success on a 2xx status. Sent with reqwest, which the
+//! consumer links anyway (the Schema Registry client and rtinval-client use it): one client per
+//! process, connections kept alive, proxies from the environment ignored (the endpoints live
+//! on the node itself). Plain HTTP only: the URL is checked with the config.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rtinval_schemas::runtime::chain;
 
 /// The URL is parsed with the config (a malformed one is a config error).
 pub use crate::config::HttpTarget;
+
+/// The process's client.
+fn client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c);
+    }
+    let c = reqwest::Client::builder()
+        .user_agent("rtinval-consumer")
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {}", chain(&e)))?;
+    Ok(CLIENT.get_or_init(|| c))
+}
 
 impl HttpTarget {
     /// Send `method` with an empty body; `Ok` on a 2xx status.
@@ -20,59 +37,20 @@ impl HttpTarget {
         }
     }
 
-    /// Send `method` with an empty body; the status and the body (read to its
-    /// `Content-Length`, or to the end of the connection).
+    /// Send `method` with an empty body; the status and the body.
     pub async fn request(&self, method: &str, timeout: Duration) -> Result<(u16, String), String> {
+        let m = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|_| format!("{method:?} is not an HTTP method"))?;
         let run = async {
-            let mut s = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            let response = client()?
+                .request(m, self.to_string())
+                .header(reqwest::header::CONTENT_LENGTH, "0")
+                .send()
                 .await
-                .map_err(|e| e.to_string())?;
-            let req = format!(
-                "{method} {} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: rtinval-consumer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                self.path, self.host, self.port
-            );
-            s.write_all(req.as_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut data = Vec::with_capacity(512);
-            let mut buf = [0u8; 1024];
-            let header_end = loop {
-                if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("connection closed before a complete response head".to_owned());
-                }
-                data.extend_from_slice(&buf[..n]);
-            };
-            let head = String::from_utf8_lossy(&data[..header_end]).into_owned();
-            let status: u16 = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "not an HTTP response: {:?}",
-                        head.lines().next().unwrap_or("")
-                    )
-                })?;
-            let length = head.lines().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse::<usize>().ok())
-                    .flatten()
-            });
-            let mut body = data[header_end..].to_vec();
-            while length.is_none_or(|n| body.len() < n) {
-                let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
-                }
-                body.extend_from_slice(&buf[..n]);
-            }
-            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+                .map_err(|e| chain(&e))?;
+            let status = response.status().as_u16();
+            let body = response.text().await.map_err(|e| chain(&e))?;
+            Ok((status, body))
         };
         tokio::time::timeout(timeout, run)
             .await
@@ -83,6 +61,7 @@ impl HttpTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn urls() {
