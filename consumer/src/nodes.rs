@@ -47,30 +47,17 @@ fn topic(config: &Config) -> String {
 }
 
 /// Register this node now and every [`REFRESH`] until `shutdown`, creating the topic if it is
-/// missing (compacted, one partition). Failures are logged once per outage, never fatal.
+/// missing (compacted, one partition). Failures are logged once per outage, never fatal. The
+/// Kafka clients live only for each registration: kept, their threads would cost an idle node
+/// a megabyte and a steady share of CPU for one record a minute.
 pub fn spawn(config: &Config, shutdown: CancellationToken) {
     let topic = topic(config);
     let group = config.group_id();
-    let producer: Result<FutureProducer, _> =
-        rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[])
-            .create();
-    let admin =
-        rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[])
-            .create::<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>>();
-    let (producer, admin) = match (producer, admin) {
-        (Ok(p), Ok(a)) => (p, a),
-        (Err(e), _) | (_, Err(e)) => {
-            warn!(%topic, error = %e, "Node registry: cannot create a Kafka client; cluster waits by --group-prefix will not see this node (name its group with --group).");
-            return;
-        }
-    };
+    let (brokers, options) = (config.kafka.brokers.clone(), config.kafka.options.clone());
     tokio::spawn(async move {
         let mut failing = false;
         let mut created = false;
         loop {
-            if !created {
-                created = create_topic(&admin, &topic).await.is_ok();
-            }
             let record = NodeRecord {
                 group: group.clone(),
                 host: hostname::get()
@@ -79,18 +66,19 @@ pub fn spawn(config: &Config, shutdown: CancellationToken) {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 seen_at_ms: rtinval_schemas::runtime::now_ms(),
             };
-            let payload = serde_json::to_vec(&record).unwrap_or_default();
             let sent = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = producer.send(FutureRecord::to(&topic).key(&group).payload(&payload), TIMEOUT) => r,
+                r = register(&brokers, &options, &topic, &record, !created) => r,
             };
             match sent {
-                Ok(_) if failing => {
-                    failing = false;
-                    info!(%topic, %group, "Node registry: registered again.");
+                Ok(()) => {
+                    created = true;
+                    if failing {
+                        failing = false;
+                        info!(%topic, %group, "Node registry: registered again.");
+                    }
                 }
-                Ok(_) => {}
-                Err((e, _)) if !failing => {
+                Err(e) if !failing => {
                     failing = true;
                     warn!(%topic, %group, error = %e, "Node registry: cannot register this node; cluster waits by --group-prefix will not see it until it can (retrying).");
                 }
@@ -107,6 +95,34 @@ pub fn spawn(config: &Config, shutdown: CancellationToken) {
             }
         }
     });
+}
+
+/// Write `record` to `topic` with a producer of its own (created and dropped here), creating
+/// the topic first if `create`.
+async fn register(
+    brokers: &str,
+    options: &std::collections::BTreeMap<String, String>,
+    topic: &str,
+    record: &NodeRecord,
+    create: bool,
+) -> Result<(), String> {
+    let config = rtinval_schemas::kafka::client_config(brokers, options, &[]);
+    if create {
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            config.create().map_err(|e| e.to_string())?;
+        // A failure shows as the send's below.
+        let _ = create_topic(&admin, topic).await;
+    }
+    let producer: FutureProducer = config.create().map_err(|e| e.to_string())?;
+    let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    producer
+        .send(
+            FutureRecord::to(topic).key(&record.group).payload(&payload),
+            TIMEOUT,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e.to_string())
 }
 
 async fn create_topic(
