@@ -93,18 +93,14 @@ impl BinlogSource {
         }
         for (table, why) in &excluded {
             warn!(table = %table, reason = %why, "Cascade index: not holding this table; cascades through it flush the caches their keys live in.");
-            self.metrics
-                .cascade_index_disabled
-                .get_or_create(&TableReasonLabels {
-                    table: table.clone(),
-                    reason: "not_indexable",
-                })
-                .inc();
+            self.count_disabled(table.clone(), "not_indexable");
         }
         *slot = IndexSlot {
             built: true,
             ..IndexSlot::default()
         };
+        // A table the new plan does not hold loses its series.
+        self.metrics.cascade_index_rows.clear();
         if plan.tables.is_empty() {
             self.index_gauges(slot);
             return Ok(());
@@ -151,14 +147,16 @@ impl BinlogSource {
         };
         for n in index.take_notices() {
             warn!(table = %n.table, reason = n.reason, detail = %n.detail, "Cascade index: stopped holding this table; cascades through it flush the caches their keys live in.");
-            self.metrics
-                .cascade_index_disabled
-                .get_or_create(&TableReasonLabels {
-                    table: n.table,
-                    reason: n.reason,
-                })
-                .inc();
+            self.count_disabled(n.table, n.reason);
         }
+    }
+
+    /// `rtinval_producer_cascade_index_disabled_total{table,reason}`, one more.
+    fn count_disabled(&self, table: String, reason: &'static str) {
+        self.metrics
+            .cascade_index_disabled
+            .get_or_create(&TableReasonLabels { table, reason })
+            .inc();
     }
 
     /// Set the cascade index's gauges; returns the rows it holds.
