@@ -141,7 +141,7 @@ impl ClusterWatch {
         }
         reader.assign(&assign).map_err(|e| e.to_string())?;
         let groups: Vec<String> = if groups.is_empty() {
-            discover(&reader, config, group_prefix)?
+            discover(config, group_prefix)?
         } else {
             groups.to_vec()
         };
@@ -348,17 +348,40 @@ fn follow(
     }
 }
 
+/// A Kafka client context that logs at debug only.
+struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(fac, message, "librdkafka (group listing)");
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka error (group listing)");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
+
 /// The groups whose names start with `prefix`: those the broker lists (ListGroups) and those
 /// registered in the node registry ([`crate::nodes`]) within its TTL. A broker without
 /// ListGroups (tansu) leaves the registry alone; an error only if neither names a group.
-fn discover(reader: &BaseConsumer, config: &Config, prefix: &str) -> Result<Vec<String>, String> {
-    let listed = reader.fetch_group_list(None, TIMEOUT).map(|list| {
+fn discover(config: &Config, prefix: &str) -> Result<Vec<String>, String> {
+    // A client of its own that keeps librdkafka's complaints at debug: the listing is a probe
+    // (tansu drops the connection on ListGroups), and its failure is in the answer if it
+    // matters.
+    let lister: BaseConsumer<Quiet> =
+        reader_config(config, &format!("rtinval-groups-{}", std::process::id()))
+            .create_with_context(Quiet)
+            .map_err(|e| format!("Kafka client for {}: {e}", config.kafka.brokers))?;
+    let listed = lister.fetch_group_list(None, TIMEOUT).map(|list| {
         list.groups()
             .iter()
             .map(|g| g.name().to_owned())
             .filter(|n| n.starts_with(prefix))
             .collect::<Vec<_>>()
     });
+    drop(lister);
     let registered = crate::nodes::registered(config, prefix, rtinval_schemas::runtime::now_ms());
     let mut found: Vec<String> = listed
         .iter()
