@@ -54,15 +54,16 @@ pub fn spawn(config: &Config, shutdown: CancellationToken) {
     let topic = topic(config);
     let group = config.group_id();
     let (brokers, options) = (config.kafka.brokers.clone(), config.kafka.options.clone());
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     tokio::spawn(async move {
         let mut failing = false;
         let mut created = false;
         loop {
             let record = NodeRecord {
                 group: group.clone(),
-                host: hostname::get()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
+                host: host.clone(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 seen_at_ms: rtinval_schemas::runtime::now_ms(),
             };
@@ -106,12 +107,13 @@ async fn register(
     record: &NodeRecord,
     create: bool,
 ) -> Result<(), String> {
+    use rdkafka::admin::{NewTopic, TopicReplication};
     let config = rtinval_schemas::kafka::client_config(brokers, options, &[]);
     if create {
-        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-            config.create().map_err(|e| e.to_string())?;
-        // A failure shows as the send's below.
-        let _ = create_topic(&admin, topic).await;
+        // Replication as the broker's default; a failure shows as the send's below.
+        let new =
+            NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+        let _ = rtinval_schemas::kafka::create_topic(&config, &new, TIMEOUT).await;
     }
     let producer: FutureProducer = config.create().map_err(|e| e.to_string())?;
     let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
@@ -123,24 +125,6 @@ async fn register(
         .await
         .map(|_| ())
         .map_err(|(e, _)| e.to_string())
-}
-
-async fn create_topic(
-    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
-    topic: &str,
-) -> Result<(), ()> {
-    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
-    let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
-    match admin.create_topics(&[new], &opts).await {
-        Ok(results) => match results.into_iter().next() {
-            Some(Ok(_)) | Some(Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))) => {
-                Ok(())
-            }
-            _ => Err(()),
-        },
-        Err(_) => Err(()),
-    }
 }
 
 /// The groups registered within [`TTL`] of `now_ms` whose names start with `prefix`, sorted.

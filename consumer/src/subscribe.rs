@@ -636,25 +636,23 @@ pub async fn dead_letter(
     topic: &str,
     shutdown: &CancellationToken,
 ) -> Result<DeadLetter, ConsumerError> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::admin::{NewTopic, TopicReplication};
+    use rtinval_schemas::kafka::{CreateTopicError, create_topic};
     let err = |error| ConsumerError::Kafka {
         brokers: config.kafka.brokers.clone(),
         error,
     };
     let mut c =
         rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[]);
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = c.create().map_err(err)?;
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .map_err(err)?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, error)) => return Err(ConsumerError::DeadLetterTopic { topic, error }),
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
+    match create_topic(&c, &new, Duration::from_secs(30)).await {
+        Ok(()) => {}
+        Err(CreateTopicError::Client(e)) => return Err(err(e)),
+        Err(CreateTopicError::Refused(error)) => {
+            return Err(ConsumerError::DeadLetterTopic {
+                topic: topic.to_owned(),
+                error,
+            });
         }
     }
     let producer = c

@@ -98,6 +98,41 @@ pub fn client_config(
     c
 }
 
+/// Why [`create_topic`] could not create a topic.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateTopicError {
+    #[error("cannot create a Kafka admin client or reach the brokers")]
+    Client(#[source] KafkaError),
+    #[error("the broker refused to create the topic")]
+    Refused(#[source] rdkafka::types::RDKafkaErrorCode),
+}
+
+/// Create one topic with an admin client of its own (dropped after); a topic that exists
+/// already is fine.
+pub async fn create_topic(
+    config: &rdkafka::ClientConfig,
+    topic: &rdkafka::admin::NewTopic<'_>,
+    timeout: Duration,
+) -> Result<(), CreateTopicError> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().map_err(CreateTopicError::Client)?;
+    let opts = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = admin
+        .create_topics([topic], &opts)
+        .await
+        .map_err(CreateTopicError::Client)?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(CreateTopicError::Refused(code)),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
