@@ -162,7 +162,12 @@ async fn both_decoders_agree_on_every_column_type() {
                 }
                 compared += ours.len();
             }
-            Some(EventData::RotateEvent(r)) if log_pos != 0 => current = r.name().into_owned(),
+            // A rotate event's log_pos is a position in the file it closes: it must not be
+            // compared with the end position in the next one.
+            Some(EventData::RotateEvent(r)) if log_pos != 0 => {
+                current = r.name().into_owned();
+                continue;
+            }
             _ => {}
         }
         if current == end_file && log_pos >= end_pos {
