@@ -366,7 +366,11 @@ async fn raw_decode(
                     }
                 }
             },
-            Ok(Some(EventData::RotateEvent(r))) if log_pos != 0 => current = r.name().into_owned(),
+            // A rotate event's log_pos is a position in the file it closes.
+            Ok(Some(EventData::RotateEvent(r))) if log_pos != 0 => {
+                current = r.name().into_owned();
+                continue;
+            }
             _ => {}
         }
         if current == end_file && log_pos >= end_pos {
