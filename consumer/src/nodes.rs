@@ -11,9 +11,9 @@
 
 use std::time::Duration;
 
+use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -149,34 +149,16 @@ pub fn registered(config: &Config, prefix: &str, now_ms: u64) -> Result<Vec<Stri
         .fetch_watermarks(&topic, 0, TIMEOUT)
         .map_err(|e| format!("{topic}: {e}"))?;
     let mut latest = std::collections::BTreeMap::new();
-    if high > low {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Offset(low))
-            .map_err(|e| e.to_string())?;
-        reader.assign(&tpl).map_err(|e| e.to_string())?;
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        loop {
-            if std::time::Instant::now() > deadline {
-                return Err(format!("timed out reading {topic} (offsets {low}..{high})"));
-            }
-            match reader.poll(Duration::from_millis(200)) {
-                None => continue,
-                Some(Err(e)) => return Err(format!("{topic}: {e}")),
-                Some(Ok(m)) => {
-                    // A record that does not parse (another writer, a tombstone) names nothing.
-                    if let Some(r) = m
-                        .payload()
-                        .and_then(|p| serde_json::from_slice::<NodeRecord>(p).ok())
-                    {
-                        latest.insert(r.group.clone(), r.seen_at_ms);
-                    }
-                    if m.offset() + 1 >= high {
-                        break;
-                    }
-                }
-            }
+    rtinval_schemas::kafka::read_partition(&reader, &topic, 0, (low, high), TIMEOUT, |m| {
+        // A record that does not parse (another writer, a tombstone) names nothing.
+        if let Some(r) = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<NodeRecord>(p).ok())
+        {
+            latest.insert(r.group.clone(), r.seen_at_ms);
         }
-    }
+    })
+    .map_err(|e| format!("reading {topic}: {e}"))?;
     Ok(live(&latest, prefix, now_ms))
 }
 

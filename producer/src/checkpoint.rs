@@ -12,7 +12,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::producer::FutureRecord;
-use rdkafka::{Offset, TopicPartitionList};
+use rtinval_schemas::kafka::ReadPartitionError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -70,6 +70,7 @@ pub fn load(kafka: &KafkaConfig, topic: &str, key: &str) -> Result<Option<Positi
     }
 }
 
+/// The payload of the last record under `key` in `start..high`.
 fn scan(
     consumer: &BaseConsumer,
     topic: &str,
@@ -77,38 +78,31 @@ fn scan(
     start: i64,
     high: i64,
 ) -> Result<Option<Vec<u8>>, KafkaError> {
-    let err = |error| KafkaError::ReadCheckpoint {
-        topic: topic.to_owned(),
-        error,
-    };
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(start))
-        .map_err(err)?;
-    consumer.assign(&tpl).map_err(err)?;
     let mut last = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if std::time::Instant::now() > deadline {
-            return Err(KafkaError::CheckpointTimeout {
-                topic: topic.to_owned(),
-                start,
-                high,
-            });
-        }
-        match consumer.poll(Duration::from_millis(500)) {
-            None => continue,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(last),
-            Some(Err(e)) => return Err(err(e)),
-            Some(Ok(m)) => {
-                if m.key() == Some(key.as_bytes()) {
-                    last = m.payload().map(<[u8]>::to_vec);
-                }
-                if m.offset() + 1 >= high {
-                    return Ok(last);
-                }
+    rtinval_schemas::kafka::read_partition(
+        consumer,
+        topic,
+        0,
+        (start, high),
+        Duration::from_secs(30),
+        |m| {
+            if m.key() == Some(key.as_bytes()) {
+                last = m.payload().map(<[u8]>::to_vec);
             }
-        }
-    }
+        },
+    )
+    .map_err(|e| match e {
+        ReadPartitionError::Kafka(error) => KafkaError::ReadCheckpoint {
+            topic: topic.to_owned(),
+            error,
+        },
+        ReadPartitionError::Timeout { start, high } => KafkaError::CheckpointTimeout {
+            topic: topic.to_owned(),
+            start,
+            high,
+        },
+    })?;
+    Ok(last)
 }
 
 /// The checkpoint stage.

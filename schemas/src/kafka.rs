@@ -133,6 +133,54 @@ pub async fn create_topic(
     Ok(())
 }
 
+/// Why [`read_partition`] stopped before the end.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadPartitionError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("timed out reading offsets {start}..{high}")]
+    Timeout { start: i64, high: i64 },
+}
+
+/// Read partition `partition` of `topic` from `start` up to `high` (exclusive; a high
+/// watermark read before), handing each record to `each`, with `consumer` assigned to it alone.
+/// Ends at `high`, at end of partition (a compacted topic may end below `high`; with
+/// `enable.partition.eof`), or with [`ReadPartitionError::Timeout`] after `timeout`.
+pub fn read_partition<C: ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+    (start, high): (i64, i64),
+    timeout: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), ReadPartitionError> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    if high <= start {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if Instant::now() > deadline {
+            return Err(ReadPartitionError::Timeout { start, high });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => {
+                each(&m);
+                if m.offset() + 1 >= high {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -39,11 +39,17 @@ impl TestDb {
         }
         drop(conn);
         admin.disconnect().await.ok();
-        let url = format!("{}/{name}", stack.mysql_admin_url);
-        TestDb {
-            name,
-            pool: mysql_async::Pool::new(url.as_str()),
-        }
+        let pool = mysql_async::Pool::new(Self::url_of(&name).as_str());
+        TestDb { name, pool }
+    }
+
+    /// The stack's admin URL for this database: for a pool or a worker of a test's own.
+    pub fn url(&self) -> String {
+        Self::url_of(&self.name)
+    }
+
+    fn url_of(name: &str) -> String {
+        format!("{}/{name}", Stack::get().mysql_admin_url)
     }
 
     /// Create (or re-create) the MariaDB user `user` with `password`, the global `grants`

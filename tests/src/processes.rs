@@ -129,6 +129,41 @@ impl Drop for Proc {
     }
 }
 
+/// A child whose output the test reads at the end (stdout and stderr piped), killed when
+/// dropped before that: a test that fails early leaves no process behind.
+pub struct OwnedChild(Option<Child>);
+
+impl OwnedChild {
+    /// Start `cmd` with stdout and stderr piped.
+    pub fn spawn(what: &str, cmd: &mut Command) -> OwnedChild {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        OwnedChild(Some(child))
+    }
+
+    /// Wait for exit (off the async runtime) and return what it printed.
+    pub async fn output(mut self) -> std::process::Output {
+        let child = self.0.take().expect("an owned child is waited for once");
+        tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("the waiting task")
+            .expect("wait for the child")
+    }
+}
+
+impl Drop for OwnedChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Write `config` to `<dir>/producer.toml` and run `rtinval-producer --check` with it: the exit
 /// code and everything it printed (stderr, then stdout).
 pub fn producer_check(dir: &Path, config: &str) -> (Option<i32>, String) {

@@ -19,14 +19,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
 use rtinval_client::protocol::Stored;
 use rtinval_tests::{
-    ConsumerProc, Stack, TestDb, consumer_kafka_section, http_get, producer_config, release_bin,
-    start_producer_with, unique, wait_sync, workspace_root,
+    ConsumerProc, OwnedChild, Stack, TestDb, consumer_kafka_section, http_get, producer_config,
+    release_bin, start_producer_with, unique, wait_sync, workspace_root,
 };
 use serde_json::{Value, json};
 
@@ -153,8 +153,8 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
                 reread_ms: u64| {
         json!({
             "name": name,
-            // Connections: each writer task holds one; the stack allows 400 in all.
-            "mysql_url": format!("{}/{}?pool_min=10&pool_max=180", stack.mysql_admin_url, db.name),
+            // Connections: each writer task holds one; the stack allows 1,000 in all.
+            "mysql_url": format!("{}?pool_min=10&pool_max=180", db.url()),
             "mysql": {"host": host, "port": port, "user": user, "password": password, "db": db.name},
             "node": format!("http://{}", node.http),
             "caches": caches,
@@ -165,48 +165,33 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         .to_string()
     };
     // The inspector, beside the load: checks every purged key 1 s after its purge.
-    let inspector = Command::new(release_bin("rtinval-consumer"))
-        .arg("--config")
-        .arg(dir.path().join("consumer.toml"))
-        .args(["inspect", "--delay-ms", "1000", "--report-secs", "10"])
-        .args(["--duration-secs", &(secs + 2).to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let inspector = OwnedChild::spawn(
+        "the inspector",
+        Command::new(release_bin("rtinval-consumer"))
+            .arg("--config")
+            .arg(dir.path().join("consumer.toml"))
+            .args(["inspect", "--delay-ms", "1000", "--report-secs", "10"])
+            .args(["--duration-secs", &(secs + 2).to_string()]),
+    );
     let php = workspace_root().join("clients/php/tests/fill_worker.php");
     let mut children = Vec::new();
     for n in 0..2 {
         let s = spec(&format!("rust-{n}"), 180.0, 500.0, 150, 96, 150, 200);
-        children.push(
-            Command::new(release_bin("fill-worker"))
-                .arg(s)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
+        children.push(OwnedChild::spawn(
+            "fill-worker",
+            Command::new(release_bin("fill-worker")).arg(s),
+        ));
     }
     for n in 0..2 {
         let s = spec(&format!("php-{n}"), 5.0, 100.0, 1, 1, 20, 0);
-        children.push(
-            Command::new("php")
-                .arg(&php)
-                .arg(s)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect(
-                    "php runs (scripts/test installs php-cli, php-redis, php-memcached, php-mysql)",
-                ),
-        );
+        children.push(OwnedChild::spawn(
+            "php (scripts/test installs php-cli, php-redis, php-memcached, php-mysql)",
+            Command::new("php").arg(&php).arg(s),
+        ));
     }
     let mut reports = Vec::new();
     for c in children {
-        let out = tokio::task::spawn_blocking(move || c.wait_with_output())
-            .await
-            .unwrap()
-            .unwrap();
+        let out = c.output().await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -220,10 +205,7 @@ async fn with_the_fill_protocol_no_worker_reads_data_older_than_its_own_waited_w
         reports.push(report);
     }
 
-    let out = tokio::task::spawn_blocking(move || inspector.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = inspector.output().await;
     let inspected_text = String::from_utf8_lossy(&out.stdout).into_owned();
     let inspected: Value = serde_json::from_str(inspected_text.trim()).unwrap_or_else(|e| {
         panic!(

@@ -447,16 +447,13 @@ async fn barrier_rate(
     // Writers as an API worker pool holds them: connections kept open and not reset between
     // writes (the harness pool's COM_RESET_CONNECTION per write tripled MariaDB's CPU at
     // 2,000 tx/s, on the two cores rtinval shares with the load it is measured under).
-    let s = Stack::get();
     let writers = mysql_async::Pool::new(
-        mysql_async::OptsBuilder::from_opts(
-            mysql_async::Opts::from_url(&format!("{}/{}", s.mysql_admin_url, db.name)).unwrap(),
-        )
-        .pool_opts(
-            mysql_async::PoolOpts::default()
-                .with_reset_connection(false)
-                .with_constraints(mysql_async::PoolConstraints::new(WRITERS, WRITERS).unwrap()),
-        ),
+        mysql_async::OptsBuilder::from_opts(mysql_async::Opts::from_url(&db.url()).unwrap())
+            .pool_opts(
+                mysql_async::PoolOpts::default()
+                    .with_reset_connection(false)
+                    .with_constraints(mysql_async::PoolConstraints::new(WRITERS, WRITERS).unwrap()),
+            ),
     );
     // Opened before the clock starts, as a running worker pool's are.
     let warm = futures::future::join_all((0..WRITERS).map(|_| writers.get_conn())).await;
