@@ -363,8 +363,11 @@ impl rdkafka::ClientContext for Quiet {
 
 impl rdkafka::consumer::ConsumerContext for Quiet {}
 
-/// The groups whose names start with `prefix`: those the broker lists (ListGroups) and those
-/// registered in the node registry ([`crate::nodes`]) within its TTL. A broker without
+/// The groups whose names start with `prefix`: those the broker lists (ListGroups) with
+/// members, and those registered in the node registry ([`crate::nodes`]) within its TTL. A
+/// group the broker lists without members (Kafka keeps a stopped node's group, with its
+/// offsets, for days) counts only while registered, as on a broker that lists nothing: a
+/// node stopped for longer than the TTL, or deregistered, stops holding waits. A broker without
 /// ListGroups (tansu) leaves the registry alone; an error only if neither names a group.
 fn discover(config: &Config, prefix: &str) -> Result<Vec<String>, String> {
     // A client of its own that keeps librdkafka's complaints at debug: the listing is a probe
@@ -377,8 +380,8 @@ fn discover(config: &Config, prefix: &str) -> Result<Vec<String>, String> {
     let listed = lister.fetch_group_list(None, TIMEOUT).map(|list| {
         list.groups()
             .iter()
+            .filter(|g| g.name().starts_with(prefix) && has_members(g.state()))
             .map(|g| g.name().to_owned())
-            .filter(|n| n.starts_with(prefix))
             .collect::<Vec<_>>()
     });
     drop(lister);
@@ -406,6 +409,12 @@ fn discover(config: &Config, prefix: &str) -> Result<Vec<String>, String> {
         ));
     }
     Ok(found)
+}
+
+/// Whether a group in this state (as DescribeGroups names it) has members: not `Empty` (no
+/// member left, offsets kept) nor `Dead` (being removed).
+fn has_members(state: &str) -> bool {
+    !matches!(state, "Empty" | "Dead")
 }
 
 /// Wait until every consumer group named in `groups`, or (if empty) every group whose name
@@ -440,6 +449,20 @@ mod tests {
             gtid: Some(gtid.into()),
             heartbeat,
         }
+    }
+
+    #[test]
+    fn a_listed_group_counts_by_itself_only_with_members() {
+        for state in [
+            "Stable",
+            "PreparingRebalance",
+            "CompletingRebalance",
+            "Unknown",
+        ] {
+            assert!(has_members(state), "{state}");
+        }
+        assert!(!has_members("Empty"));
+        assert!(!has_members("Dead"));
     }
 
     #[test]

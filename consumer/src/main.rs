@@ -69,6 +69,18 @@ enum Command {
     ///
     /// Exit status: 0 no violation, 3 violations found, 1 errors.
     Inspect(InspectArgs),
+    /// Take a node out of the node registry (<topic_prefix>.nodes) when it leaves service, so
+    /// that `wait --all-nodes --group-prefix` stops waiting for it at once instead of 10
+    /// minutes after its last registration. Stop its consumer first: a running (or restarted)
+    /// consumer registers again within a minute.
+    Deregister(DeregisterArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DeregisterArgs {
+    /// The node's consumer group; default: kafka.group_id of the config (this node).
+    #[arg(long)]
+    group: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,6 +219,9 @@ fn main() -> ExitCode {
     if let Some(Command::Inspect(args)) = &cli.command {
         return inspect(&config, args);
     }
+    if let Some(Command::Deregister(args)) = &cli.command {
+        return deregister(&config, args);
+    }
     if matches!(cli.command, Some(Command::CheckConfig)) {
         println!(
             "config OK: {} pool(s), {} cache(s), group {}",
@@ -277,6 +292,35 @@ async fn signals(shutdown: CancellationToken, path: PathBuf) {
 }
 
 /// `rtinval-consumer inspect`: run the inspector, print its JSON summary.
+fn deregister(config: &Config, a: &DeregisterArgs) -> ExitCode {
+    let group = a.group.clone().unwrap_or_else(|| config.group_id());
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rtinval-consumer deregister: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(rtinval_consumer::nodes::deregister(config, &group)) {
+        Ok(()) => {
+            println!(
+                "{}",
+                serde_json::json!({"status": "deregistered", "group": group})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "rtinval-consumer deregister: cannot remove {group} from the node registry: {e}"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn inspect(config: &Config, a: &InspectArgs) -> ExitCode {
     use rtinval_consumer::inspect::{Settings, run};
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -4,7 +4,8 @@
 //! Kafka-protocol broker, also where the broker cannot list consumer groups (ListGroups;
 //! tansu lacks it). A cluster wait takes every group registered within [`TTL`]: a node that is
 //! stopped, or paused, for longer (or decommissioned) is no longer waited for; `--group` names
-//! groups to wait for regardless.
+//! groups to wait for regardless. `rtinval-consumer deregister` removes a node that left
+//! service (a tombstone under its group), so waits stop counting it at once.
 //!
 //! The registry is advisory: a node that cannot write to it logs a warning and applies events
 //! as ever; only cluster waits by prefix miss it (and name the groups they found).
@@ -115,16 +116,39 @@ async fn register(
             NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
         let _ = rtinval_schemas::kafka::create_topic(&config, &new, TIMEOUT).await;
     }
-    let producer: FutureProducer = config.create().map_err(|e| e.to_string())?;
     let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    send(&config, topic, &record.group, Some(&payload)).await
+}
+
+/// Send one record with a producer of its own (created and dropped here).
+async fn send(
+    config: &rdkafka::ClientConfig,
+    topic: &str,
+    key: &str,
+    payload: Option<&[u8]>,
+) -> Result<(), String> {
+    let producer: FutureProducer = config.create().map_err(|e| e.to_string())?;
+    let mut record = FutureRecord::<str, [u8]>::to(topic).key(key);
+    if let Some(p) = payload {
+        record = record.payload(p);
+    }
     producer
-        .send(
-            FutureRecord::to(topic).key(&record.group).payload(&payload),
-            TIMEOUT,
-        )
+        .send(record, TIMEOUT)
         .await
         .map(|_| ())
         .map_err(|(e, _)| e.to_string())
+}
+
+/// Remove `group` from the registry (a tombstone under its key): cluster waits by prefix stop
+/// waiting for it at once, not [`TTL`] after its last registration. For a node taken out of
+/// service after its consumer stopped; a consumer that starts again registers again.
+pub async fn deregister(config: &Config, group: &str) -> Result<(), String> {
+    let topic = topic(config);
+    let client =
+        rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[]);
+    send(&client, &topic, group, None)
+        .await
+        .map_err(|e| format!("{topic}: {e}"))
 }
 
 /// The groups registered within [`TTL`] of `now_ms` whose names start with `prefix`, sorted.
@@ -150,16 +174,32 @@ pub fn registered(config: &Config, prefix: &str, now_ms: u64) -> Result<Vec<Stri
         .map_err(|e| format!("{topic}: {e}"))?;
     let mut latest = std::collections::BTreeMap::new();
     rtinval_schemas::kafka::read_partition(&reader, &topic, 0, (low, high), TIMEOUT, |m| {
-        // A record that does not parse (another writer, a tombstone) names nothing.
-        if let Some(r) = m
-            .payload()
-            .and_then(|p| serde_json::from_slice::<NodeRecord>(p).ok())
-        {
-            latest.insert(r.group.clone(), r.seen_at_ms);
-        }
+        fold(&mut latest, m.key(), m.payload());
     })
     .map_err(|e| format!("reading {topic}: {e}"))?;
     Ok(live(&latest, prefix, now_ms))
+}
+
+/// Take one registry record into `latest` (group → last registration): a registration sets
+/// its group's time, a tombstone (no payload) removes the group of its key; a record that does
+/// not parse (another writer) names nothing.
+fn fold(
+    latest: &mut std::collections::BTreeMap<String, u64>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) {
+    match payload {
+        None => {
+            if let Some(group) = key.and_then(|k| std::str::from_utf8(k).ok()) {
+                latest.remove(group);
+            }
+        }
+        Some(p) => {
+            if let Ok(r) = serde_json::from_slice::<NodeRecord>(p) {
+                latest.insert(r.group, r.seen_at_ms);
+            }
+        }
+    }
 }
 
 /// The groups of `latest` (group → last registration) that start with `prefix` and registered
@@ -196,5 +236,32 @@ mod tests {
         .collect();
         assert_eq!(live(&latest, "rt-node-", now), ["rt-node-a", "rt-node-b"]);
         assert_eq!(live(&latest, "", now).len(), 3);
+    }
+
+    #[test]
+    fn a_tombstone_removes_its_group_and_a_later_registration_brings_it_back() {
+        let record = |group: &str, seen_at_ms| {
+            serde_json::to_vec(&NodeRecord {
+                group: group.to_owned(),
+                host: "h".to_owned(),
+                version: "v".to_owned(),
+                seen_at_ms,
+            })
+            .unwrap()
+        };
+        let mut latest = std::collections::BTreeMap::new();
+        fold(&mut latest, Some(b"rt-a"), Some(&record("rt-a", 1)));
+        fold(&mut latest, Some(b"rt-b"), Some(&record("rt-b", 2)));
+        fold(&mut latest, Some(b"rt-a"), Some(&record("rt-a", 3)));
+        fold(&mut latest, Some(b"rt-c"), Some(b"not json"));
+        assert_eq!(latest.get("rt-a"), Some(&3));
+        assert_eq!(latest.len(), 2);
+        fold(&mut latest, Some(b"rt-b"), None);
+        assert_eq!(latest.keys().collect::<Vec<_>>(), ["rt-a"]);
+        fold(&mut latest, Some(b"rt-b"), Some(&record("rt-b", 4)));
+        assert_eq!(latest.get("rt-b"), Some(&4));
+        // A tombstone without a key (not ours) removes nothing.
+        fold(&mut latest, None, None);
+        assert_eq!(latest.len(), 2);
     }
 }

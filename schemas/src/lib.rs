@@ -15,9 +15,9 @@
 //!
 //! Beside the contract, what both binaries share at run time (one place each, so the producer
 //! and the consumer cannot drift apart): [`topics`] (topic names from the prefix), [`kafka`]
-//! (the client context and the base librdkafka config), [`config_file`] (parse errors as one
-//! line, secret redaction), [`http`] (the `/metrics`, `/healthz`, `/readyz` probes),
-//! [`runtime`] (logging set-up, `--version`, the clock) and
+//! (the client context, the base librdkafka config, topic creation, reading a partition),
+//! [`config_file`] (parse errors as one line, secret redaction), [`http`] (the `/metrics`,
+//! `/healthz`, `/readyz` probes), [`runtime`] (logging set-up, `--version`, the clock) and
 //! [`position`] (binlog positions and GTIDs, compared for the barrier).
 
 use serde::{Deserialize, Serialize};

@@ -2,9 +2,9 @@
 //! Redis): after each commit a writer waits on its node's `/wait` with `@@last_gtid`, and a 200
 //! means the written row's key is already gone from the node's cache — at ≥ 200 tx/s from many
 //! connections. The cluster form (`wait --all-nodes`) waits for every node's consumer group,
-//! and a paused node holds it until it resumes. Bad input and faults always get an answer:
-//! a malformed position 400, a position never reached 504 at the timeout, a stopping consumer
-//! 503 to each of 1,000 waiters.
+//! and a paused node holds it until it resumes; a stopped one until it is deregistered. Bad
+//! input and faults always get an answer: a malformed position 400, a position never reached
+//! 504 at the timeout, a stopping consumer 503 to each of 1,000 waiters.
 //!
 //! Needs `scripts/stack up` and the binaries built (`scripts/test` does both). Run alone:
 //! `cargo test -p rtinval-tests --test barrier`.
@@ -168,13 +168,13 @@ async fn after_every_commit_the_node_barrier_answers_only_once_the_key_is_purged
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_barrier_waits_for_every_node_and_a_paused_node_holds_it() {
+async fn the_cluster_barrier_waits_for_every_node_a_paused_one_holds_it_a_deregistered_one_not() {
     let _turn = LOAD.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create("cbarrier", SCHEMA).await;
     let prefix = unique("cbarrier");
     let _producer = start_producer(dir.path(), "producer", &config(&db.name, &prefix));
-    let nodes: Vec<ConsumerProc> = ["a", "b", "c"]
+    let mut nodes: Vec<ConsumerProc> = ["a", "b", "c"]
         .into_iter()
         .map(|n| start_node(dir.path(), &prefix, n))
         .collect();
@@ -326,6 +326,63 @@ async fn the_cluster_barrier_waits_for_every_node_and_a_paused_node_holds_it() {
             .exists::<_, bool>(format!("{prefix}-c:object:999999"))
             .await
             .unwrap()
+    );
+
+    // Node c leaves service: stopped, it still holds cluster waits (registered within the
+    // TTL) until `deregister` takes it out of the registry; then the others answer alone.
+    drop(nodes.pop());
+    let gtid = insert(&mut conn, 999_998).await;
+    let cli = |config: &Path, args: &[&str]| {
+        let out = Command::new(bin("rtinval-consumer"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let wait_all = |timeout_ms: &str| {
+        cli(
+            &config_path,
+            &[
+                "wait",
+                "--all-nodes",
+                "--group-prefix",
+                &group_prefix,
+                "--gtid",
+                &gtid,
+                "--timeout-ms",
+                timeout_ms,
+            ],
+        )
+    };
+    let (code, text) = wait_all("3000");
+    assert_eq!(
+        code,
+        Some(3),
+        "a stopped, registered node holds the wait: {text}"
+    );
+    assert!(
+        text.contains(&groups[2]),
+        "the stopped node is lagging: {text}"
+    );
+    // Without --group: the config's own group (node c's config).
+    let (code, text) = cli(&dir.path().join("consumer-c.toml"), &["deregister"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("deregistered") && text.contains(&groups[2]),
+        "{text}"
+    );
+    let (code, text) = wait_all("30000");
+    assert_eq!(code, Some(0), "the remaining nodes answer: {text}");
+    assert!(
+        text.contains("\"status\":\"applied\"")
+            && text.contains(&groups[0])
+            && text.contains(&groups[1])
+            && !text.contains(&groups[2]),
+        "{text}"
     );
 }
 
