@@ -427,7 +427,7 @@ mod tests {
     fn ready_metrics() -> Metrics {
         let m = Metrics::new();
         m.set_assigned(true);
-        m.observe_source_time(crate::now_ms());
+        m.observe_source_time(rtinval_schemas::runtime::now_ms());
         m
     }
 

@@ -205,7 +205,7 @@ pub async fn run(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Due>(100_000);
     let sel = Selection {
         topics: vec![rtinval_schemas::topics::CACHE_KEYS.into()],
-        from_time: Some(crate::now_ms() as i64),
+        from_time: Some(rtinval_schemas::runtime::now_ms() as i64),
         follow: true,
         ..Selection::default()
     };
@@ -264,7 +264,8 @@ pub async fn run(
         let Some(reader) = readers.get_mut(&due.cache) else {
             continue;
         };
-        let wait_ms = (due.at_ms + settings.delay.as_millis() as i64) - crate::now_ms() as i64;
+        let wait_ms = (due.at_ms + settings.delay.as_millis() as i64)
+            - rtinval_schemas::runtime::now_ms() as i64;
         if wait_ms > 0 {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

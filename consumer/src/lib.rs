@@ -55,8 +55,6 @@ use crate::error::{ConfigError, ConsumerError};
 use crate::metrics::Metrics;
 use crate::subscribe::Subscriber;
 
-pub use rtinval_schemas::runtime::now_ms;
-
 /// Connect to every cache (failing at the first that cannot be reached: `replay --apply`) and
 /// start every pool's debouncer.
 pub async fn applier(

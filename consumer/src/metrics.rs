@@ -287,7 +287,7 @@ impl Metrics {
         if t == 0 {
             return None;
         }
-        let age = crate::now_ms().saturating_sub(t);
+        let age = rtinval_schemas::runtime::now_ms().saturating_sub(t);
         self.staleness_seconds.set(age as f64 / 1000.0);
         Some(Duration::from_millis(age))
     }

@@ -594,7 +594,7 @@ impl Subscriber {
                     .apply_latency_seconds
                     .observe(done.received.elapsed().as_secs_f64());
                 if done.committed_at > 0 {
-                    let e2e = crate::now_ms().saturating_sub(done.committed_at);
+                    let e2e = rtinval_schemas::runtime::now_ms().saturating_sub(done.committed_at);
                     self.metrics
                         .end_to_end_latency_seconds
                         .observe(e2e as f64 / 1000.0);

@@ -179,7 +179,7 @@ impl Checkpointer {
     async fn write(&self, position: &Position) -> Result<(), KafkaError> {
         let stored = Stored {
             position: position.clone(),
-            updated_at: crate::now_ms(),
+            updated_at: rtinval_schemas::runtime::now_ms(),
         };
         let payload =
             serde_json::to_vec(&stored).map_err(|error| KafkaError::EncodeCheckpoint {

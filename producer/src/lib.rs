@@ -67,8 +67,6 @@ use crate::metrics::Metrics;
 use crate::publish::{Publisher, Topics};
 use crate::source::{BinlogSource, Start};
 
-pub use rtinval_schemas::runtime::now_ms;
-
 /// Why the pipeline stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

@@ -212,7 +212,7 @@ impl Metrics {
             })
             .inc();
         if kind != EventKind::Heartbeat && committed_at_ms > 0 {
-            let now = crate::now_ms();
+            let now = rtinval_schemas::runtime::now_ms();
             self.publish_latency_seconds
                 .observe(now.saturating_sub(committed_at_ms) as f64 / 1000.0);
         }
@@ -226,7 +226,7 @@ impl Metrics {
     pub fn checkpoint_written(&self) {
         self.checkpoint_writes.inc();
         self.checkpoint_timestamp_seconds
-            .set(crate::now_ms() as f64 / 1000.0);
+            .set(rtinval_schemas::runtime::now_ms() as f64 / 1000.0);
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -55,7 +55,7 @@ impl Bus {
 
     /// An event with a plausible source block.
     pub fn event(body: rtinval_schemas::EventBody) -> rtinval_schemas::Event {
-        let now = rtinval_consumer::now_ms();
+        let now = rtinval_schemas::runtime::now_ms();
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let seq = SEQ.fetch_add(1, Ordering::Relaxed) as usize;
         rtinval_schemas::Event {
@@ -273,7 +273,7 @@ pub async fn wait_ready(bus: &Bus, c: &ConsumerProc, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         bus.publish(rtinval_schemas::EventBody::Heartbeat {
-            source_time: rtinval_consumer::now_ms(),
+            source_time: rtinval_schemas::runtime::now_ms(),
         })
         .await;
         let r = http_get(&c.http, "/readyz");

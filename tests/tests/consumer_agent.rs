@@ -34,7 +34,7 @@ async fn freshness_readiness_sighup_and_sigterm() {
     );
 
     bus.publish(EventBody::Heartbeat {
-        source_time: rtinval_consumer::now_ms(),
+        source_time: rtinval_schemas::runtime::now_ms(),
     })
     .await;
     wait_sync("ready after a heartbeat", Duration::from_secs(10), || {

@@ -214,7 +214,7 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
     c.wait_consuming();
     let ready = |c: &ConsumerProc| http_get(&c.http, "/readyz");
     bus.publish(EventBody::Heartbeat {
-        source_time: rtinval_consumer::now_ms(),
+        source_time: rtinval_schemas::runtime::now_ms(),
     })
     .await;
     wait_sync("ready", Duration::from_secs(10), || {
@@ -231,7 +231,7 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let stale = loop {
         bus.publish(EventBody::Heartbeat {
-            source_time: rtinval_consumer::now_ms(),
+            source_time: rtinval_schemas::runtime::now_ms(),
         })
         .await;
         if let Some((503, body)) = ready(&c) {
@@ -256,7 +256,7 @@ async fn a_node_that_cannot_purge_turns_stale_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         bus.publish(EventBody::Heartbeat {
-            source_time: rtinval_consumer::now_ms(),
+            source_time: rtinval_schemas::runtime::now_ms(),
         })
         .await;
         if ready(&c).is_some_and(|(s, _)| s == 200) {

@@ -117,7 +117,8 @@ impl<'a> Events<'a> {
             slot.advance(&self.file, start);
         }
         if timestamp != 0 {
-            let lag = crate::now_ms().saturating_sub(u64::from(timestamp) * 1000);
+            let lag =
+                rtinval_schemas::runtime::now_ms().saturating_sub(u64::from(timestamp) * 1000);
             self.metrics.binlog_lag_seconds.set(lag as f64 / 1000.0);
         }
     }
@@ -340,7 +341,9 @@ impl<'a> Events<'a> {
             pos: self.position.pos,
             committed_at: self.last_commit_ms,
         };
-        let events = self.batcher.finish(&commit, crate::now_ms());
+        let events = self
+            .batcher
+            .finish(&commit, rtinval_schemas::runtime::now_ms());
         Some(Batch {
             position: self.position.clone(),
             events,

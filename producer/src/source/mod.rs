@@ -245,7 +245,7 @@ impl BinlogSource {
             .resyncs
             .get_or_create(&ReasonLabel { reason })
             .inc();
-        let now = crate::now_ms();
+        let now = rtinval_schemas::runtime::now_ms();
         let event = Event {
             schema_version: SCHEMA_VERSION,
             id: event_id(p.server_id, &p.file, p.pos, 0),
@@ -428,7 +428,7 @@ impl BinlogSource {
     }
 
     fn heartbeat(&self, st: &Events<'_>) -> Batch {
-        let now = crate::now_ms();
+        let now = rtinval_schemas::runtime::now_ms();
         let source_time = if st.caught_up { now } else { st.last_commit_ms };
         let p = &st.position;
         Batch {
