@@ -231,13 +231,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("rtinval-consumer: cannot start the async runtime: {e}");
+            eprintln!("rtinval-consumer: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -266,6 +263,14 @@ fn main() -> ExitCode {
     })
 }
 
+/// The single-threaded runtime each command runs on.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
 async fn signals(shutdown: CancellationToken, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -291,16 +296,13 @@ async fn signals(shutdown: CancellationToken, path: PathBuf) {
     shutdown.cancel();
 }
 
-/// `rtinval-consumer inspect`: run the inspector, print its JSON summary.
+/// `rtinval-consumer deregister`: a tombstone for the node's group in the node registry.
 fn deregister(config: &Config, a: &DeregisterArgs) -> ExitCode {
     let group = a.group.clone().unwrap_or_else(|| config.group_id());
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("rtinval-consumer deregister: cannot start the async runtime: {e}");
+            eprintln!("rtinval-consumer deregister: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -321,15 +323,13 @@ fn deregister(config: &Config, a: &DeregisterArgs) -> ExitCode {
     }
 }
 
+/// `rtinval-consumer inspect`: run the inspector, print its JSON summary.
 fn inspect(config: &Config, a: &InspectArgs) -> ExitCode {
     use rtinval_consumer::inspect::{Settings, run};
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("rtinval-consumer inspect: cannot start the async runtime: {e}");
+            eprintln!("rtinval-consumer inspect: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -446,12 +446,9 @@ fn wait(config: &Config, a: &WaitArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(2, e),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
+        Err(e) => return fail(1, e),
     };
     let answer =
         runtime.block_on(target.request("GET", timeout + std::time::Duration::from_secs(5)));
@@ -540,10 +537,7 @@ fn replay(config: &Config, a: &ReplayArgs) -> Result<(), String> {
             true
         });
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let runtime = runtime()?;
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let applier = runtime

@@ -54,7 +54,7 @@ fn topic(config: &Config) -> String {
 pub fn spawn(config: &Config, shutdown: CancellationToken) {
     let topic = topic(config);
     let group = config.group_id();
-    let (brokers, options) = (config.kafka.brokers.clone(), config.kafka.options.clone());
+    let client = writer_config(config);
     let host = hostname::get()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -70,7 +70,7 @@ pub fn spawn(config: &Config, shutdown: CancellationToken) {
             };
             let sent = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = register(&brokers, &options, &topic, &record, !created) => r,
+                r = register(&client, &topic, &record, !created) => r,
             };
             match sent {
                 Ok(()) => {
@@ -102,22 +102,25 @@ pub fn spawn(config: &Config, shutdown: CancellationToken) {
 /// Write `record` to `topic` with a producer of its own (created and dropped here), creating
 /// the topic first if `create`.
 async fn register(
-    brokers: &str,
-    options: &std::collections::BTreeMap<String, String>,
+    client: &rdkafka::ClientConfig,
     topic: &str,
     record: &NodeRecord,
     create: bool,
 ) -> Result<(), String> {
     use rdkafka::admin::{NewTopic, TopicReplication};
-    let config = rtinval_schemas::kafka::client_config(brokers, options, &[]);
     if create {
         // Replication as the broker's default; a failure shows as the send's below.
         let new =
             NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
-        let _ = rtinval_schemas::kafka::create_topic(&config, &new, TIMEOUT).await;
+        let _ = rtinval_schemas::kafka::create_topic(client, &new, TIMEOUT).await;
     }
     let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-    send(&config, topic, &record.group, Some(&payload)).await
+    send(client, topic, &record.group, Some(&payload)).await
+}
+
+/// The librdkafka settings the registry's writers are created from.
+fn writer_config(config: &Config) -> rdkafka::ClientConfig {
+    rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[])
 }
 
 /// Send one record with a producer of its own (created and dropped here).
@@ -144,9 +147,7 @@ async fn send(
 /// service after its consumer stopped; a consumer that starts again registers again.
 pub async fn deregister(config: &Config, group: &str) -> Result<(), String> {
     let topic = topic(config);
-    let client =
-        rtinval_schemas::kafka::client_config(&config.kafka.brokers, &config.kafka.options, &[]);
-    send(&client, &topic, group, None)
+    send(&writer_config(config), &topic, group, None)
         .await
         .map_err(|e| format!("{topic}: {e}"))
 }

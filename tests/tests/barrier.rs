@@ -62,6 +62,20 @@ fn start_node(dir: &Path, prefix: &str, name: &str) -> ConsumerProc {
     c
 }
 
+/// Run `rtinval-consumer --config CONFIG ARGS...`: its exit code and what it printed (stdout,
+/// then stderr).
+fn consumer_cli(config: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin("rtinval-consumer"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
 /// `GET /wait` on a node, asynchronously (the product's own small HTTP client).
 async fn wait_on(node: &str, position: &str, timeout_ms: u64) -> (u16, String) {
     let url = format!("http://{node}/wait?gtid={position}&timeout_ms={timeout_ms}");
@@ -332,19 +346,8 @@ async fn the_cluster_barrier_waits_for_every_node_a_paused_one_holds_it_a_deregi
     // TTL) until `deregister` takes it out of the registry; then the others answer alone.
     drop(nodes.pop());
     let gtid = insert(&mut conn, 999_998).await;
-    let cli = |config: &Path, args: &[&str]| {
-        let out = Command::new(bin("rtinval-consumer"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.code(), text)
-    };
     let wait_all = |timeout_ms: &str| {
-        cli(
+        consumer_cli(
             &config_path,
             &[
                 "wait",
@@ -369,7 +372,7 @@ async fn the_cluster_barrier_waits_for_every_node_a_paused_one_holds_it_a_deregi
         "the stopped node is lagging: {text}"
     );
     // Without --group: the config's own group (node c's config).
-    let (code, text) = cli(&dir.path().join("consumer-c.toml"), &["deregister"]);
+    let (code, text) = consumer_cli(&dir.path().join("consumer-c.toml"), &["deregister"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("deregistered") && text.contains(&groups[2]),
@@ -394,23 +397,7 @@ async fn bad_positions_unreachable_positions_and_a_stopping_node_all_get_answers
     let _producer = start_producer(dir.path(), "producer", &config(&db.name, &prefix));
     let mut node = start_node(dir.path(), &prefix, "a");
     let config_path = dir.path().join("consumer-a.toml");
-    let cli = |args: &[&str]| {
-        let out = Command::new(bin("rtinval-consumer"))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("wait")
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let cli = |args: &[&str]| consumer_cli(&config_path, &[&["wait"], args].concat());
 
     // A malformed position: 400 naming the accepted forms; the command exits 2.
     let (status, body) = wait_on(&node.http, "not-a-gtid", 1000).await;
